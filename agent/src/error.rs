@@ -1,0 +1,9 @@
+//! The crate's error type: one enum per module, joined here.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
+}

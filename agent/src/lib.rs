@@ -1,0 +1,19 @@
+//! ferry: live migration of Docker containers between edge devices.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library:
+//! - [`config`]: the agent's validated configuration (flags + TOML).
+//! - [`mqtt`]: the MQTT contract (topics, payloads) and the one task that owns the connection.
+//! - [`runtime`]: the container engine behind a trait; Docker via bollard.
+//! - [`stream`]: checkpoint transfer: tar, zstd, rate limit, checksum, mutual TLS.
+//! - [`migration`]: the sans-I/O migration state machine and the drivers that act on it.
+//! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod migration;
+pub mod mqtt;
+pub mod runtime;
+pub mod stream;
+
+pub use error::Error;

@@ -1,7 +1,303 @@
-//! Agent configuration: flags and TOML, validated.
+//! Agent configuration: flags and a TOML file (a flag wins), validated into
+//! an [`AgentConfig`] before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mqtt::contract::validate_id;
+use crate::mqtt::BrokerUrl;
+
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
+pub const DEFAULT_TOPIC_ROOT: &str = "ferry/v1";
+/// Staging in RAM is only chosen when this much memory is available.
+pub const TMPFS_MIN_AVAILABLE: u64 = 1 << 30;
+pub const TMPFS_WORK_DIR: &str = "/run/ferry";
+pub const DISK_WORK_DIR: &str = "/var/lib/ferry";
+/// Shorter than the unit's `TimeoutStopSec` (90 s) so a drain always ends
+/// with a recorded job state before systemd kills the agent.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid config: {0}")]
-    Invalid(String),
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("missing {0} (give the flag or set it in the config file)")]
+    Missing(&'static str),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The agent's settings as given: every field optional, both as a flag and
+/// as a key of the TOML file (snake_case: `--node-id` is `node_id`).
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// This node's id: its MQTT client id and topic level; must match its certificate.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Broker URL: mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// Docker Engine unix socket.
+    #[arg(long)]
+    pub docker: Option<String>,
+    /// Data port for incoming checkpoints (ADDR:PORT).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address peers dial for this node's data port (default: the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Checkpoint staging folder (default: /run/ferry when RAM allows, else /var/lib/ferry).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Topic root.
+    #[arg(long)]
+    pub topic_root: Option<String>,
+    /// Fleet CA certificate (PEM).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
+    /// Seconds a SIGTERM drain may take before the agent gives up waiting.
+    #[arg(long)]
+    pub drain_timeout_secs: Option<u64>,
+}
+
+impl AgentSettings {
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: AgentSettings) -> AgentSettings {
+        AgentSettings {
+            node_id: self.node_id.or(file.node_id),
+            mqtt: self.mqtt.or(file.mqtt),
+            docker: self.docker.or(file.docker),
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            work_dir: self.work_dir.or(file.work_dir),
+            topic_root: self.topic_root.or(file.topic_root),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            insecure: self.insecure || file.insecure,
+            drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
+        }
+    }
+
+    /// Checks every field and fills defaults.
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let node_id = self.node_id.ok_or(ConfigError::Missing("node_id"))?;
+        validate_id("node id", &node_id).map_err(|e| invalid("node_id", e.to_string()))?;
+        let mqtt_text = self.mqtt.ok_or(ConfigError::Missing("mqtt"))?;
+        let mqtt: BrokerUrl = mqtt_text.parse().map_err(|e: crate::mqtt::MqttError| invalid("mqtt", e.to_string()))?;
+        let listen: SocketAddr = self
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse()
+            .map_err(|e| invalid("listen", format!("expected ADDR:PORT: {e}")))?;
+        let advertise = match self.advertise {
+            Some(a) => a
+                .parse()
+                .map_err(|e| invalid("advertise", format!("expected ADDR:PORT: {e}")))?,
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "advertise",
+                    format!("listen address {listen} is a wildcard; say which address peers should dial"),
+                ))
+            }
+            None => listen,
+        };
+        let topic_root = self.topic_root.unwrap_or_else(|| DEFAULT_TOPIC_ROOT.to_string());
+        if topic_root.is_empty()
+            || topic_root.starts_with('/')
+            || topic_root.ends_with('/')
+            || topic_root.contains(['+', '#', '\0'])
+        {
+            return Err(invalid(
+                "topic_root",
+                format!("{topic_root:?} must be non-empty, without wildcards or a leading/trailing '/'"),
+            ));
+        }
+        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::stream::tls::TlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls",
+                    "give all of tls_ca, tls_cert and tls_key, or none of them",
+                ))
+            }
+        };
+        if tls.is_none() && !self.insecure {
+            return Err(invalid(
+                "tls",
+                "no TLS files given: set tls_ca, tls_cert and tls_key (or pass --insecure for plain TCP, development only)",
+            ));
+        }
+        if mqtt.tls && tls.is_none() {
+            return Err(invalid("mqtt", "mqtts:// needs tls_ca, tls_cert and tls_key"));
+        }
+        if !mqtt.tls && !self.insecure {
+            return Err(invalid(
+                "mqtt",
+                format!("{mqtt_text} is plain TCP: use mqtts:// (or pass --insecure, development only)"),
+            ));
+        }
+        let work_dir = self.work_dir.unwrap_or_else(default_work_dir);
+        if !work_dir.is_absolute() {
+            return Err(invalid("work_dir", format!("{} must be an absolute path", work_dir.display())));
+        }
+        Ok(AgentConfig {
+            node_id,
+            mqtt,
+            docker: self.docker.unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.to_string()),
+            listen,
+            advertise,
+            work_dir,
+            topic_root,
+            tls,
+            insecure: self.insecure,
+            drain_timeout: self
+                .drain_timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        })
+    }
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_id: String,
+    pub mqtt: BrokerUrl,
+    pub docker: String,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub work_dir: PathBuf,
+    pub topic_root: String,
+    pub tls: Option<crate::stream::tls::TlsFiles>,
+    pub insecure: bool,
+    pub drain_timeout: Duration,
+}
+
+/// RAM staging (tmpfs under /run) when the machine has the memory for it:
+/// checkpoints then never touch the SD card.
+fn default_work_dir() -> PathBuf {
+    let available = crate::sysinfo::mem_available().unwrap_or(0);
+    if available >= TMPFS_MIN_AVAILABLE && crate::sysinfo::is_tmpfs(Path::new("/run")) {
+        PathBuf::from(TMPFS_WORK_DIR)
+    } else {
+        PathBuf::from(DISK_WORK_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> AgentSettings {
+        AgentSettings {
+            node_id: Some("node1".into()),
+            mqtt: Some("mqtt://127.0.0.1:1883".into()),
+            listen: Some("127.0.0.11:7070".into()),
+            work_dir: Some("/tmp/ferry".into()),
+            insecure: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file = AgentSettings {
+            node_id: Some("from-file".into()),
+            docker: Some("/file.sock".into()),
+            ..minimal()
+        };
+        let flags = AgentSettings {
+            node_id: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.node_id.as_deref(), Some("from-flag"));
+        assert_eq!(merged.docker.as_deref(), Some("/file.sock"));
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = minimal().validate().unwrap();
+        assert_eq!(c.topic_root, DEFAULT_TOPIC_ROOT);
+        assert_eq!(c.docker, DEFAULT_DOCKER_SOCKET);
+        assert_eq!(c.advertise, c.listen);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(AgentSettings, &str)> = vec![
+            (AgentSettings { node_id: None, ..minimal() }, "node_id"),
+            (AgentSettings { node_id: Some("a/b".into()), ..minimal() }, "node_id"),
+            (AgentSettings { mqtt: Some("http://x".into()), ..minimal() }, "mqtt"),
+            (AgentSettings { listen: Some("nowhere".into()), ..minimal() }, "listen"),
+            (AgentSettings { listen: Some("0.0.0.0:7070".into()), ..minimal() }, "advertise"),
+            (AgentSettings { topic_root: Some("a/#".into()), ..minimal() }, "topic_root"),
+            (AgentSettings { tls_ca: Some("/ca.pem".into()), ..minimal() }, "tls"),
+            (AgentSettings { insecure: false, ..minimal() }, "tls"),
+            (AgentSettings { work_dir: Some("rel".into()), ..minimal() }, "work_dir"),
+        ];
+        for (settings, field) in cases {
+            let err = settings.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys_and_loads_the_example() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "node_id = \"n\"\nnode_idd = \"typo\"\n").unwrap();
+        let err = AgentSettings::from_toml_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("node_idd"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/agent.toml");
+        let settings = AgentSettings::from_toml_file(&example).unwrap();
+        let config = settings.validate().unwrap();
+        assert_eq!(config.topic_root, DEFAULT_TOPIC_ROOT);
+        assert!(config.mqtt.tls);
+    }
 }

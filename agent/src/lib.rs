@@ -8,6 +8,7 @@
 //! - [`migration`]: the sans-I/O migration state machine and the drivers that act on it.
 //! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -15,5 +16,6 @@ pub mod migration;
 pub mod mqtt;
 pub mod runtime;
 pub mod stream;
+pub mod sysinfo;
 
 pub use error::Error;

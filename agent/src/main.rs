@@ -1,3 +1,151 @@
-fn main() {
-    println!("ferry {}", env!("CARGO_PKG_VERSION"));
+//! `ferry`: the agent (`ferry agent`) and the fleet manager's commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_agent::cli::{self, BrokerArgs, MigrateArgs};
+use ferry_agent::config::AgentSettings;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Live-migrates Docker containers between edge devices")]
+struct Cli {
+    /// Log as JSON lines instead of text (both go to stderr).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent on this device.
+    Agent {
+        /// TOML file with the same keys as the flags (a flag wins).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: AgentSettings,
+    },
+    /// Publish a migrate job and follow it until it ends.
+    Migrate(MigrateArgs),
+    /// List the nodes' statuses.
+    Nodes(BrokerArgs),
+    /// Follow job statuses as they change.
+    Watch {
+        /// Only this job; stop when it ends.
+        job: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Create a development fleet CA and certificates for a broker, nodes and a manager.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        #[arg(long, default_value = "manager")]
+        manager: String,
+        /// Broker host names and IPs for its certificate, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        broker_hosts: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// SIGTERM (systemd) and SIGINT (a terminal) both start the drain.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent { config, settings } => {
+            let file = match &config {
+                Some(path) => AgentSettings::from_toml_file(path)?,
+                None => AgentSettings::default(),
+            };
+            let config = settings.over(file).validate()?;
+            let shutdown = shutdown_on_signals()?;
+            ferry_agent::agent::run(config, shutdown).await?;
+        }
+        Command::Migrate(args) => {
+            cli::migrate(args).await?;
+        }
+        Command::Nodes(broker) => {
+            cli::nodes(broker).await?;
+        }
+        Command::Watch { job, broker } => cli::watch(broker, job).await?,
+        Command::Certs {
+            out,
+            nodes,
+            manager,
+            broker_hosts,
+            days,
+        } => {
+            ferry_agent::certs::generate(
+                &out,
+                &ferry_agent::certs::FleetSpec {
+                    nodes,
+                    manager,
+                    broker_hosts,
+                    days,
+                },
+            )?;
+            println!("wrote the fleet CA and certificates to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    // Two worker threads are plenty on a Pi; the heavy work (zstd, tar) runs
+    // on the blocking pool.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

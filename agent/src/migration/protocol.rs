@@ -1,0 +1,123 @@
+//! The control conversation between a source and a target agent on the data
+//! connection, around the checkpoint stream (see `stream::wire`):
+//!
+//! ```text
+//! source                                 target
+//!   Prepare{job, spec, estimate}  ->        precheck, create the container
+//!                                 <-      Prepared | Refused{reason}
+//!   (checkpoint, then the stream)  ->      verify, unpack
+//!                                 <-      Restored | Failed{reason}
+//!   Commit                        ->      keep the container
+//!                                 <-      Committed
+//! ```
+//! If the connection ends before `Commit`, the target removes what it
+//! created: the source then still holds (or restores) the original.
+//! Messages are JSON, each behind a u32 big-endian length.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::runtime::ContainerSpec;
+
+/// Control messages are small; anything larger is a broken or hostile peer.
+pub const MAX_MESSAGE: u32 = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToTarget {
+    Prepare {
+        job_id: String,
+        source_node: String,
+        target_node: String,
+        checkpoint: String,
+        spec: ContainerSpec,
+        /// Expected size of the checkpoint images (the container's memory).
+        estimate_bytes: u64,
+        /// The source engine's view, checked again by the target.
+        arch: String,
+        page_size: u64,
+    },
+    Commit,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToSource {
+    Prepared { container_id: String },
+    Refused { reason: String },
+    Restored,
+    Failed { reason: String },
+    Committed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("peer closed the data connection")]
+    Closed,
+    #[error("data connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control message of {0} bytes exceeds the {MAX_MESSAGE} byte limit")]
+    TooLarge(u32),
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+pub async fn send<W, M>(w: &mut W, msg: &M) -> Result<(), ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+    M: Serialize,
+{
+    let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::TooLarge(u32::MAX))?;
+    if len > MAX_MESSAGE {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub async fn recv<R, M>(r: &mut R) -> Result<M, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    M: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_round_trip_and_limits_hold() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        send(&mut a, &ToSource::Refused { reason: "no image".into() }).await.unwrap();
+        let got: ToSource = recv(&mut b).await.unwrap();
+        assert_eq!(got, ToSource::Refused { reason: "no image".into() });
+
+        a.write_all(&(MAX_MESSAGE + 1).to_be_bytes()).await.unwrap();
+        let err = recv::<_, ToSource>(&mut b).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge(_)), "{err}");
+
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        send(&mut a, &serde_json::json!({"msg": "restored", "extra": 1})).await.unwrap();
+        let err = recv::<_, ToSource>(&mut b).await.unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        drop(a);
+        assert!(matches!(recv::<_, ToSource>(&mut b).await, Err(ProtocolError::Closed)));
+    }
+}

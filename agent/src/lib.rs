@@ -8,6 +8,7 @@
 //! - [`migration`]: the sans-I/O migration state machine and the drivers that act on it.
 //! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
 
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -249,7 +249,7 @@ async fn send_body<W: AsyncWrite + Unpin>(
     let frame_max = limit.map_or(MAX_FRAME, |r| {
         (r / 8).clamp(4096, MAX_FRAME as u64) as usize
     });
-    let mut bucket = limit.map(|r| TokenBucket::new(r, MAX_FRAME as u64));
+    let mut bucket = limit.map(|r| TokenBucket::new(r, frame_max as u64 + 4));
     let mut hasher = Sha256::new();
     let mut wire = 0u64;
     let mut last_progress = start;
@@ -1103,6 +1103,48 @@ mod tests {
         let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
         assert!(!verdict.ok && verdict.reason().contains("262145"));
         assert!(!staging.exists());
+    }
+
+    #[tokio::test]
+    async fn cancelled_receive_removes_staging() {
+        let dst = TempDir::new("wire-cancel-dst");
+        let staging = dst.join("staging");
+        let (mut a, b) = duplex(64 * 1024);
+        let target = {
+            let staging = staging.clone();
+            tokio::spawn(async move {
+                receive_checkpoint(b, &staging, &UnpackLimits::default(), |_| Ok(())).await
+            })
+        };
+        a.write_all(MAGIC).await.unwrap();
+        write_message(&mut a, &header(), "header").await.unwrap();
+        let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
+        assert!(verdict.ok);
+        let body = zstd::encode_all(&noise(100_000, 1)[..], 3).unwrap();
+        write_frame(&mut a, &body[..body.len() / 2]).await.unwrap();
+        assert!(staging.is_dir());
+        target.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while staging.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "staging still there after cancel"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn transfer_futures_can_be_spawned() {
+        fn is_send<T: Send>(_: &T) {}
+        let (a, b) = duplex(1);
+        let (dir, limits, opts) = (
+            Path::new("x"),
+            UnpackLimits::default(),
+            SendOptions::default(),
+        );
+        is_send(&send_checkpoint(a, &header(), dir, &opts, |_| {}));
+        is_send(&receive_checkpoint(b, dir, &limits, |_| Ok(())));
     }
 
     #[tokio::test]

@@ -6,4 +6,6 @@ pub enum Error {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Stream(#[from] crate::stream::StreamError),
+    #[error(transparent)]
+    Certs(#[from] crate::certs::CertsError),
 }

@@ -7,8 +7,11 @@
 //! - [`stream`]: checkpoint transfer: tar, zstd, rate limit, checksum, mutual TLS.
 //! - [`migration`]: the sans-I/O migration state machine and the drivers that act on it.
 //! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
+//! - [`agent`]: `ferry agent`, the service that ties these together on a device.
+//! - [`certs`]: a development fleet PKI.
 
 pub mod agent;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod error;

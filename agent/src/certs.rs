@@ -1,0 +1,451 @@
+//! A development PKI for a fleet: one CA, and certificates for the broker,
+//! each node and the manager (ECDSA P-256, standard PEM, as openssl and
+//! mosquitto read them).
+//!
+//! Files written to the output folder:
+//! - `ca.pem`, `ca.key`: the CA, reused when both exist, so nodes can be
+//!   added later without re-issuing everyone's trust anchor;
+//! - `broker.pem`, `broker.key`: server certificate, SANs = broker hosts;
+//! - `<node>.pem`, `<node>.key` and `<manager>.pem`, `<manager>.key`:
+//!   CN = DNS SAN = the name, usable as TLS client and server.
+//!
+//! Leaf certificates are issued anew on every run; keys are mode 0600.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+pub const DEFAULT_MANAGER: &str = "manager";
+pub const DEFAULT_DAYS: u32 = 365;
+/// The CA outlives the leaves it signs, so adding a node later works.
+const CA_MIN_DAYS: u32 = 3650;
+const CA_NAME: &str = "ferry fleet CA";
+/// Edge device clocks drift; leaves are valid from a little before now.
+const BACKDATE: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid fleet spec: {0}")]
+    InvalidSpec(String),
+    #[error("existing CA in {dir}: {reason}")]
+    ExistingCa { dir: PathBuf, reason: String },
+    #[error("generating {what}: {source}")]
+    Generate {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// Who gets a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSpec {
+    pub nodes: Vec<String>,
+    pub manager: String,
+    /// DNS names and IP addresses the broker is reached at.
+    pub broker_hosts: Vec<String>,
+    /// Validity of the leaf certificates.
+    pub days: u32,
+}
+
+impl Default for FleetSpec {
+    fn default() -> Self {
+        FleetSpec {
+            nodes: Vec::new(),
+            manager: DEFAULT_MANAGER.into(),
+            broker_hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            days: DEFAULT_DAYS,
+        }
+    }
+}
+
+impl FleetSpec {
+    pub fn validate(&self) -> Result<(), CertsError> {
+        if self.days == 0 {
+            return Err(CertsError::InvalidSpec("days must be at least 1".into()));
+        }
+        if self.broker_hosts.is_empty() {
+            return Err(CertsError::InvalidSpec("no broker host".into()));
+        }
+        for host in &self.broker_hosts {
+            if host.parse::<IpAddr>().is_err() {
+                check_name(host)?;
+            }
+        }
+        let mut seen = HashSet::new();
+        for name in self.nodes.iter().chain(std::iter::once(&self.manager)) {
+            check_name(name)?;
+            if name == "ca" || name == "broker" {
+                return Err(invalid(name, "reserved for the CA and broker files"));
+            }
+            if !seen.insert(name) {
+                return Err(invalid(name, "appears twice among the nodes and manager"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(name: &str, reason: &str) -> CertsError {
+    CertsError::InvalidName {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A name is a file name and a DNS name: letters, digits, `-` and `.`.
+fn check_name(name: &str) -> Result<(), CertsError> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(invalid(name, "must be 1 to 253 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(invalid(
+            name,
+            "only letters, digits, '-' and '.' are allowed",
+        ));
+    }
+    if name
+        .split('.')
+        .any(|label| label.is_empty() || label.starts_with('-') || label.ends_with('-'))
+    {
+        return Err(invalid(name, "not a DNS name"));
+    }
+    Ok(())
+}
+
+/// Writes the fleet's certificates and keys into `out_dir` (created if
+/// missing), reusing the CA found there.
+pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
+    spec.validate()?;
+    fs::create_dir_all(out_dir).map_err(|source| CertsError::Io {
+        what: "creating",
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let ca = load_or_create_ca(out_dir, spec, now)?;
+
+    let mut broker = leaf_params(&spec.broker_hosts[0], &spec.broker_hosts, spec, now)?;
+    broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    issue(out_dir, "broker", broker, &ca)?;
+
+    for name in spec.nodes.iter().chain(std::iter::once(&spec.manager)) {
+        let mut params = leaf_params(name, std::slice::from_ref(name), spec, now)?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        issue(out_dir, name, params, &ca)?;
+    }
+    Ok(())
+}
+
+/// Valid from a little before `now` (since the epoch) for `days`.
+fn set_validity(params: &mut CertificateParams, now: Duration, days: u32) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + now.saturating_sub(BACKDATE);
+    params.not_after = epoch + now + DAY * days;
+}
+
+fn load_or_create_ca(
+    dir: &Path,
+    spec: &FleetSpec,
+    now: Duration,
+) -> Result<Issuer<'static, KeyPair>, CertsError> {
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let existing = |reason: String| CertsError::ExistingCa {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => {
+            let cert_pem = read(&cert_path)?;
+            let key = KeyPair::from_pem(&read(&key_path)?)
+                .map_err(|e| existing(format!("ca.key: {e}")))?;
+            let der = rustls_pki_types::CertificateDer::from(
+                pem_der(&cert_pem).ok_or_else(|| existing("ca.pem: no certificate".into()))?,
+            );
+            let (_, x509) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| existing(format!("ca.pem: {e}")))?;
+            if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(existing("ca.key is not the key of ca.pem".into()));
+            }
+            Issuer::from_ca_cert_der(&der, key).map_err(|e| existing(format!("ca.pem: {e}")))
+        }
+        (false, false) => {
+            let key = generated("the CA key", KeyPair::generate())?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, CA_NAME);
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            set_validity(&mut params, now, spec.days.max(CA_MIN_DAYS));
+            let cert = generated("the CA certificate", params.self_signed(&key))?;
+            write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+            Ok(Issuer::new(params, key))
+        }
+        (true, false) => Err(existing("ca.pem without ca.key".into())),
+        (false, true) => Err(existing("ca.key without ca.pem".into())),
+    }
+}
+
+/// The DER of the first PEM block of `pem`.
+fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|der| der.to_vec())
+}
+
+fn leaf_params(
+    cn: &str,
+    sans: &[String],
+    spec: &FleetSpec,
+    now: Duration,
+) -> Result<CertificateParams, CertsError> {
+    // `new` makes IP SANs of what parses as an IP, DNS SANs of the rest.
+    let mut params =
+        CertificateParams::new(sans.to_vec()).map_err(|source| CertsError::Generate {
+            what: format!("the certificate for {cn}"),
+            source,
+        })?;
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, now, spec.days);
+    Ok(params)
+}
+
+fn issue(
+    dir: &Path,
+    name: &str,
+    params: CertificateParams,
+    ca: &Issuer<'_, KeyPair>,
+) -> Result<(), CertsError> {
+    let what = format!("the certificate for {name}");
+    let key = generated(&what, KeyPair::generate())?;
+    let cert = generated(&what, params.signed_by(&key, ca))?;
+    write_file(
+        &dir.join(format!("{name}.key")),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(
+        &dir.join(format!("{name}.pem")),
+        cert.pem().as_bytes(),
+        0o644,
+    )
+}
+
+fn generated<T>(what: &str, result: Result<T, rcgen::Error>) -> Result<T, CertsError> {
+    result.map_err(|source| CertsError::Generate {
+        what: what.to_string(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<String, CertsError> {
+    fs::read_to_string(path).map_err(|source| CertsError::Io {
+        what: "reading",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes through a fresh temporary file renamed into place, so the mode is
+/// the one asked for even when replacing a file, and no reader sees half.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CertsError> {
+    let tmp = path.with_extension("tmp");
+    let io = |what, source| CertsError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("creating", e))?;
+    file.write_all(data)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io("writing", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("writing", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::testutil::TempDir;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    fn spec(nodes: &[&str]) -> FleetSpec {
+        FleetSpec {
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            ..FleetSpec::default()
+        }
+    }
+
+    /// Runs openssl with `args` in `dir`; returns (success, output).
+    fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed by this test: apt-get install openssl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn verify(dir: &Path, purpose: &str, extra: &[&str], cert: &str) -> (bool, String) {
+        let mut args = vec!["verify", "-CAfile", "ca.pem", "-purpose", purpose];
+        args.extend_from_slice(extra);
+        args.push(cert);
+        openssl(dir, &args)
+    }
+
+    #[test]
+    fn openssl_accepts_the_fleet() {
+        let dir = TempDir::new("certs-openssl");
+        generate(dir.path(), &spec(&["edge-1", "edge-2"])).unwrap();
+        for name in ["edge-1", "edge-2", "manager"] {
+            let cert = format!("{name}.pem");
+            for purpose in ["sslclient", "sslserver"] {
+                let (ok, out) = verify(dir.path(), purpose, &["-verify_hostname", name], &cert);
+                assert!(ok, "{name} as {purpose}: {out}");
+            }
+            let (ok, out) = verify(
+                dir.path(),
+                "sslserver",
+                &["-verify_hostname", "other"],
+                &cert,
+            );
+            assert!(!ok, "{name} must not be valid for another host: {out}");
+            let (ok, out) = openssl(
+                dir.path(),
+                &["pkey", "-in", &format!("{name}.key"), "-noout"],
+            );
+            assert!(ok, "{name}.key: {out}");
+        }
+        let (ok, out) = verify(
+            dir.path(),
+            "sslserver",
+            &["-verify_ip", "127.0.0.1"],
+            "broker.pem",
+        );
+        assert!(ok, "broker by IP: {out}");
+        let (ok, out) = verify(
+            dir.path(),
+            "sslserver",
+            &["-verify_hostname", "localhost"],
+            "broker.pem",
+        );
+        assert!(ok, "broker by name: {out}");
+        let (ok, out) = verify(dir.path(), "sslclient", &[], "broker.pem");
+        assert!(!ok, "the broker cert is no client cert: {out}");
+    }
+
+    #[test]
+    fn keys_are_private() {
+        let dir = TempDir::new("certs-mode");
+        generate(dir.path(), &spec(&["edge-1"])).unwrap();
+        for file in ["ca.key", "broker.key", "edge-1.key", "manager.key"] {
+            let mode = fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
+        let mode = fs::metadata(dir.join("edge-1.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode & 0o044, 0o044, "certificates are readable");
+    }
+
+    #[test]
+    fn adding_a_node_reuses_the_ca() {
+        let dir = TempDir::new("certs-reuse");
+        generate(dir.path(), &spec(&["edge-1"])).unwrap();
+        let ca = fs::read(dir.join("ca.pem")).unwrap();
+        let edge1 = fs::read(dir.join("edge-1.pem")).unwrap();
+        generate(dir.path(), &spec(&["edge-1", "edge-2"])).unwrap();
+        assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), ca);
+        // The first run's certificate still verifies against the same CA.
+        fs::write(dir.join("edge-1-old.pem"), edge1).unwrap();
+        for cert in ["edge-1-old.pem", "edge-2.pem"] {
+            let (ok, out) = verify(dir.path(), "sslclient", &[], cert);
+            assert!(ok, "{cert}: {out}");
+        }
+    }
+
+    #[test]
+    fn refuses_half_a_ca_and_a_foreign_key() {
+        let dir = TempDir::new("certs-half");
+        generate(dir.path(), &spec(&["edge-1"])).unwrap();
+        let other = TempDir::new("certs-other");
+        generate(other.path(), &spec(&["edge-1"])).unwrap();
+        fs::copy(other.join("ca.key"), dir.join("ca.key")).unwrap();
+        let err = generate(dir.path(), &spec(&["edge-1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ca.key is not the key of ca.pem"), "{err}");
+        fs::remove_file(dir.join("ca.key")).unwrap();
+        let err = generate(dir.path(), &spec(&["edge-1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ca.pem without ca.key"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let dir = TempDir::new("certs-names");
+        for (nodes, bad) in [
+            (vec!["../evil"], "../evil"),
+            (vec!["a b"], "a b"),
+            (vec![""], ""),
+            (vec!["ca"], "ca"),
+            (vec!["edge-1", "edge-1"], "edge-1"),
+            (vec!["manager"], "manager"),
+            (vec!["-x"], "-x"),
+        ] {
+            let err = generate(dir.path(), &spec(&nodes)).unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{nodes:?}: {err}");
+        }
+        assert!(crate::stream::testutil::tree(dir.path()).is_empty());
+    }
+}

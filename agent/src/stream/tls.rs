@@ -1,0 +1,419 @@
+//! Mutual TLS from PEM files, and the node identity in a peer certificate.
+//!
+//! Every node holds a certificate from the fleet CA whose subject CN and DNS
+//! SAN are its node name (see [`crate::certs`]). So:
+//! - the source connects to the target's data port with
+//!   [`server_name`]`(target_node)`: rustls checks the target's DNS SAN;
+//! - the target reads the client chain (`peer_certificates()`) and accepts
+//!   the transfer only if [`cert_matches_node`]`(&chain[0], &header.source_node)`,
+//!   i.e. `cn == node || dns_sans.contains(node)` (exact, case-sensitive).
+//!
+//! The `ring` provider is passed explicitly, never the process default: the
+//! MQTT client is built with `use-rustls-no-provider` and installs none.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use x509_parser::extensions::GeneralName;
+
+use super::StreamError;
+
+/// Where a node's TLS material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The fleet CA certificate(s): the only roots trusted.
+    pub ca: PathBuf,
+    /// This node's certificate (chain), leaf first.
+    pub cert: PathBuf,
+    /// This node's private key (PKCS#8, PKCS#1 or SEC1 PEM).
+    pub key: PathBuf,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server side of the data port: requires a client certificate chaining to
+/// the CA, and presents this node's certificate.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, StreamError> {
+    let provider = provider();
+    let roots = Arc::new(load_roots(&files.ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| StreamError::TlsConfig(format!("client verifier: {e}")))?;
+    let (certs, key) = load_identity(files)?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StreamError::TlsConfig(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| mismatched(files, e))?;
+    Ok(Arc::new(config))
+}
+
+/// Client side (data port, MQTT): trusts only the CA, presents this node's
+/// certificate.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, StreamError> {
+    let roots = load_roots(&files.ca)?;
+    let (certs, key) = load_identity(files)?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StreamError::TlsConfig(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| mismatched(files, e))?;
+    Ok(Arc::new(config))
+}
+
+/// The name to connect to `node` with: its certificate's DNS SAN.
+pub fn server_name(node: &str) -> Result<ServerName<'static>, StreamError> {
+    ServerName::try_from(node.to_string())
+        .map_err(|e| StreamError::TlsConfig(format!("node name {node:?} is not a DNS name: {e}")))
+}
+
+/// The subject CN(s) then the DNS SANs of a certificate, without repeats.
+pub fn cert_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, StreamError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| StreamError::PeerCert(format!("cannot parse: {e}")))?;
+    let mut names: Vec<String> = Vec::new();
+    for cn in x509.subject().iter_common_name() {
+        let cn = cn
+            .as_str()
+            .map_err(|e| StreamError::PeerCert(format!("unreadable common name: {e}")))?;
+        names.push(cn.to_string());
+    }
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| StreamError::PeerCert(format!("bad subject alternative names: {e}")))?;
+    for name in san.iter().flat_map(|san| &san.value.general_names) {
+        if let GeneralName::DNSName(dns) = name {
+            names.push(dns.to_string());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    Ok(names)
+}
+
+/// Whether `cert` is `node`'s: its CN or one of its DNS SANs is `node`.
+pub fn cert_matches_node(cert: &CertificateDer<'_>, node: &str) -> bool {
+    cert_names(cert).is_ok_and(|names| names.iter().any(|n| n == node))
+}
+
+/// The node identity of a peer chain (leaf first): the leaf's CN, or its
+/// first DNS SAN when it has no CN. Prefer [`cert_matches_node`] to check a
+/// claimed identity.
+pub fn peer_node_id(certs: &[CertificateDer<'_>]) -> Result<String, StreamError> {
+    let leaf = certs
+        .first()
+        .ok_or_else(|| StreamError::PeerCert("the peer presented no certificate".into()))?;
+    cert_names(leaf)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StreamError::PeerCert("no common name nor DNS name".into()))
+}
+
+fn load_identity(
+    files: &TlsFiles,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StreamError> {
+    let certs = load_certs(&files.cert)?;
+    let pem = read(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| StreamError::TlsFile {
+        path: files.key.clone(),
+        reason: match e {
+            rustls_pki_types::pem::Error::NoItemsFound => "no private key found".into(),
+            e => format!("bad private key PEM: {e}"),
+        },
+    })?;
+    Ok((certs, key))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StreamError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StreamError::TlsFile {
+            path: path.to_path_buf(),
+            reason: format!("bad certificate PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(StreamError::TlsFile {
+            path: path.to_path_buf(),
+            reason: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, StreamError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| StreamError::TlsFile {
+            path: path.to_path_buf(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, StreamError> {
+    std::fs::read(path).map_err(|e| StreamError::TlsFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })
+}
+
+fn mismatched(files: &TlsFiles, e: rustls::Error) -> StreamError {
+    StreamError::TlsFile {
+        path: files.cert.clone(),
+        reason: format!("unusable with key {}: {e}", files.key.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{generate, FleetSpec};
+    use crate::stream::testutil::{noise, TempDir};
+    use crate::stream::{receive_checkpoint, send_checkpoint, SendOptions, TransferHeader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    fn fleet(tag: &str) -> TempDir {
+        let dir = TempDir::new(tag);
+        let spec = FleetSpec {
+            nodes: vec!["node-a".into(), "node-b".into()],
+            ..FleetSpec::default()
+        };
+        generate(dir.path(), &spec).expect("generate fleet certs");
+        dir
+    }
+
+    fn files(dir: &TempDir, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+
+    /// Accepts one connection; returns the client's node id, or the error.
+    async fn serve_once(
+        server: Arc<ServerConfig>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<Result<String, String>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut hello = [0u8; 5];
+            tls.read_exact(&mut hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(b"olleh").await.map_err(|e| e.to_string())?;
+            tls.shutdown().await.map_err(|e| e.to_string())?;
+            let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            peer_node_id(certs).map_err(|e| e.to_string())
+        });
+        (addr, task)
+    }
+
+    async fn talk(
+        client: Arc<ClientConfig>,
+        addr: std::net::SocketAddr,
+        name: &str,
+    ) -> Result<Vec<String>, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut tls = TlsConnector::from(client)
+            .connect(server_name(name).map_err(|e| e.to_string())?, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"hello").await.map_err(|e| e.to_string())?;
+        let mut answer = [0u8; 5];
+        tls.read_exact(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(&answer, b"olleh");
+        let server_certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        cert_names(&server_certs[0]).map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn mutual_handshake_names_both_peers() {
+        let dir = fleet("tls-ok");
+        let server = server_config(&files(&dir, "node-a")).unwrap();
+        let client = client_config(&files(&dir, "node-b")).unwrap();
+        let (addr, server_task) = serve_once(server).await;
+        let server_names = talk(client, addr, "node-a").await.unwrap();
+        assert_eq!(server_names, vec!["node-a".to_string()]);
+        assert_eq!(server_task.await.unwrap().unwrap(), "node-b");
+    }
+
+    #[tokio::test]
+    async fn client_from_another_ca_is_refused() {
+        let dir = fleet("tls-ca1");
+        let other = fleet("tls-ca2");
+        let server = server_config(&files(&dir, "node-a")).unwrap();
+        // Trusts the right CA but presents a cert from another one.
+        let mut intruder = files(&other, "node-b");
+        intruder.ca = dir.join("ca.pem");
+        let client = client_config(&intruder).unwrap();
+        let (addr, server_task) = serve_once(server).await;
+        assert!(talk(client, addr, "node-a").await.is_err());
+        let err = server_task.await.unwrap().unwrap_err();
+        // Both fleets' CAs are named alike: webpki finds the issuer by name
+        // and then fails on the signature.
+        assert!(err.contains("invalid peer certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let dir = fleet("tls-nocert");
+        let server = server_config(&files(&dir, "node-a")).unwrap();
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(load_roots(&dir.join("ca.pem")).unwrap())
+            .with_no_client_auth();
+        let (addr, server_task) = serve_once(server).await;
+        assert!(talk(Arc::new(client), addr, "node-a").await.is_err());
+        let err = server_task.await.unwrap().unwrap_err();
+        assert!(
+            err.contains("NoCertificatesPresented") || err.contains("no certificate"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_refuses_a_server_under_the_wrong_name() {
+        let dir = fleet("tls-name");
+        let server = server_config(&files(&dir, "node-a")).unwrap();
+        let client = client_config(&files(&dir, "node-b")).unwrap();
+        let (addr, server_task) = serve_once(server).await;
+        let err = talk(client, addr, "node-b").await.unwrap_err();
+        assert!(
+            err.contains("NotValidForName") || err.contains("not valid for name"),
+            "{err}"
+        );
+        assert!(server_task.await.unwrap().is_err());
+    }
+
+    #[test]
+    fn names_and_matching() {
+        let dir = fleet("tls-names");
+        let cert = load_certs(&dir.join("node-a.pem")).unwrap().remove(0);
+        assert_eq!(cert_names(&cert).unwrap(), vec!["node-a".to_string()]);
+        assert!(cert_matches_node(&cert, "node-a"));
+        assert!(!cert_matches_node(&cert, "node-b"));
+        assert!(!cert_matches_node(&cert, "node"));
+        assert!(!cert_matches_node(
+            &CertificateDer::from(vec![1, 2, 3]),
+            "node-a"
+        ));
+        let broker = load_certs(&dir.join("broker.pem")).unwrap().remove(0);
+        assert_eq!(cert_names(&broker).unwrap(), vec!["localhost".to_string()]);
+        assert!(peer_node_id(&[])
+            .unwrap_err()
+            .to_string()
+            .contains("no certificate"));
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = fleet("tls-bad");
+        let mut f = files(&dir, "node-a");
+        f.ca = dir.join("missing-ca.pem");
+        let err = server_config(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("missing-ca.pem") && err.contains("cannot read"),
+            "{err}"
+        );
+
+        std::fs::write(dir.join("garbage.pem"), b"not pem at all").unwrap();
+        let mut f = files(&dir, "node-a");
+        f.cert = dir.join("garbage.pem");
+        let err = client_config(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("garbage.pem") && err.contains("no certificate"),
+            "{err}"
+        );
+
+        let mut f = files(&dir, "node-a");
+        f.key = dir.join("node-a.pem");
+        let err = client_config(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("node-a.pem") && err.contains("no private key"),
+            "{err}"
+        );
+
+        // node-a's cert with node-b's key.
+        let mut f = files(&dir, "node-a");
+        f.key = dir.join("node-b.key");
+        let err = server_config(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("node-a.pem") && err.contains("node-b.key"),
+            "{err}"
+        );
+    }
+
+    /// The intended use: checkpoint over mutual TLS, identity checked
+    /// against the header.
+    #[tokio::test]
+    async fn checkpoint_transfer_over_mutual_tls() {
+        let dir = fleet("tls-wire");
+        let src = TempDir::new("tls-wire-src");
+        std::fs::write(src.join("pages-1.img"), noise(1 << 20, 3)).unwrap();
+        let staging = TempDir::new("tls-wire-dst");
+        let server = server_config(&files(&dir, "node-b")).unwrap();
+        let client = client_config(&files(&dir, "node-a")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let into = staging.join("job-1");
+        let target = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = TlsAcceptor::from(server).accept(tcp).await.unwrap();
+            let peer = tls.get_ref().1.peer_certificates().unwrap_or_default()[0].clone();
+            receive_checkpoint(tls, &into, &Default::default(), |h| {
+                if cert_matches_node(&peer, &h.source_node) {
+                    Ok(())
+                } else {
+                    Err(format!("peer is not {}", h.source_node))
+                }
+            })
+            .await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = TlsConnector::from(client)
+            .connect(server_name("node-b").unwrap(), tcp)
+            .await
+            .unwrap();
+        let header = TransferHeader {
+            job_id: "job-1".into(),
+            source_node: "node-a".into(),
+            target_node: "node-b".into(),
+            container: "web".into(),
+            checkpoint: "cp1".into(),
+        };
+        let report = send_checkpoint(tls, &header, src.path(), &SendOptions::default(), |_| {})
+            .await
+            .unwrap();
+        let received = target.await.unwrap().unwrap();
+        assert_eq!(received.bytes_raw, report.bytes_raw);
+        assert_eq!(
+            std::fs::read(staging.join("job-1/pages-1.img")).unwrap(),
+            std::fs::read(src.join("pages-1.img")).unwrap()
+        );
+    }
+}

@@ -5,5 +5,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
     Stream(#[from] crate::stream::StreamError),
 }

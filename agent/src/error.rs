@@ -5,6 +5,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
     Stream(#[from] crate::stream::StreamError),
     #[error(transparent)]
     Certs(#[from] crate::certs::CertsError),

@@ -1,0 +1,837 @@
+//! The one task that owns the broker connection.
+//!
+//! It polls rumqttc's `EventLoop` and nothing else does: incoming publishes
+//! go to a bounded channel as [`Inbound`] events, outgoing ones come in
+//! through cloned [`MqttHandle`]s. It adds what rumqttc leaves to its user:
+//! a backoff between reconnects (rumqttc reconnects on the very next poll),
+//! subscriptions on every ConnAck, and a clean goodbye on shutdown.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Request, SubAck,
+    Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use super::contract::{quoted, validate_id};
+use super::MqttError;
+
+pub const DEFAULT_PORT: u16 = 1883;
+pub const DEFAULT_TLS_PORT: u16 = 8883;
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Largest MQTT packet either way. Far above the 16 KiB job cap so that an
+/// oversized job is rejected by the contract: rumqttc drops the connection
+/// on an oversized packet, and a persistent session would then redeliver it
+/// after every reconnect.
+pub const MAX_PACKET_SIZE: usize = 256 * 1024;
+/// Inbound events not yet taken by the consumer.
+pub const INBOUND_CAPACITY: usize = 64;
+/// Outgoing requests queued while the broker is slow or away.
+pub const OUTGOING_CAPACITY: usize = 256;
+/// How long a publish may wait for room in the outgoing queue. Bounded so
+/// that a consumer publishing while the task waits on it cannot deadlock,
+/// and a migration is never stalled for long by a missing broker.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the goodbye to be written.
+const GOODBYE_DEADLINE: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that lived this long resets the backoff; one that dies
+/// sooner (duplicate client id, poisoned session) keeps growing it.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Broker URL
+
+/// `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]` (default 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    tls: bool,
+    /// As rumqttc wants it: IPv6 literals keep their brackets.
+    host: String,
+    port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<Self, MqttError> {
+        let bad = |reason: &str| MqttError::BrokerUrl {
+            url: quoted(url),
+            reason: reason.to_owned(),
+        };
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(bad("expected mqtt://host[:port] or mqtts://host[:port]"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(bad(
+                "only a host and a port are allowed (no user, path or query)",
+            ));
+        }
+
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '[' in an IPv6 address"))?;
+            addr.parse::<Ipv6Addr>()
+                .map_err(|_| bad("invalid IPv6 address"))?;
+            if tls {
+                // rumqttc would pass "[addr]" as the TLS server name, which fails.
+                return Err(bad(
+                    "mqtts:// to an IPv6 literal is not supported; use a host name",
+                ));
+            }
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| bad("expected ':' after ']'"))?,
+                ),
+            };
+            (format!("[{addr}]"), port)
+        } else {
+            let (host, port) = match rest.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            };
+            if host.is_empty() {
+                return Err(bad("missing host"));
+            }
+            if host.len() > 253
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            {
+                return Err(bad("invalid host name"));
+            }
+            (host.to_owned(), port)
+        };
+
+        let port = match port {
+            None if tls => DEFAULT_TLS_PORT,
+            None => DEFAULT_PORT,
+            Some(p) => {
+                // u16::from_str would take "+1".
+                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad("the port must be a number"));
+                }
+                match p.parse::<u16>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return Err(bad("the port must be 1..=65535")),
+                }
+            }
+        };
+        Ok(BrokerUrl { tls, host, port })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = MqttError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BrokerUrl::parse(s)
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Settings
+
+#[derive(Clone)]
+pub struct ClientSettings {
+    pub url: BrokerUrl,
+    /// The node id for an agent: fixed, so that its session survives.
+    pub client_id: String,
+    /// False for agents: jobs published while they were away still arrive.
+    pub clean_session: bool,
+    pub keep_alive: Duration,
+    /// Required for `mqtts://`, refused for `mqtt://`. Build it with an
+    /// explicit provider (`rustls::crypto::ring::default_provider()`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Topic, payload, retain; QoS 1. Also published by the client itself on
+    /// a clean shutdown, since a clean DISCONNECT makes the broker drop it.
+    pub last_will: Option<(String, Vec<u8>, bool)>,
+    /// Filters subscribed with QoS 1 on every ConnAck.
+    pub subscriptions: Vec<String>,
+}
+
+impl fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The TLS config holds the client key: never print it.
+        f.debug_struct("ClientSettings")
+            .field("url", &self.url.to_string())
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("keep_alive", &self.keep_alive)
+            .field("tls", &self.tls.as_ref().map(|_| "<rustls config>"))
+            .field(
+                "last_will",
+                &self
+                    .last_will
+                    .as_ref()
+                    .map(|(t, p, r)| format!("{t} ({} bytes, retain {r})", p.len())),
+            )
+            .field("subscriptions", &self.subscriptions)
+            .finish()
+    }
+}
+
+impl ClientSettings {
+    /// A persistent session with the default keep-alive, no TLS, no will,
+    /// no subscriptions.
+    pub fn new(url: BrokerUrl, client_id: impl Into<String>) -> Self {
+        ClientSettings {
+            url,
+            client_id: client_id.into(),
+            clean_session: false,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            tls: None,
+            last_will: None,
+            subscriptions: Vec::new(),
+        }
+    }
+
+    /// Everything rumqttc would otherwise panic on or fail at connect time.
+    pub fn validate(&self) -> Result<(), MqttError> {
+        validate_id("client id", &self.client_id)?;
+        if self.keep_alive < Duration::from_secs(1) || self.keep_alive > Duration::from_secs(65535)
+        {
+            return Err(MqttError::Settings(format!(
+                "keep_alive must be 1 s..=65535 s, got {:?}",
+                self.keep_alive
+            )));
+        }
+        match (self.url.is_tls(), self.tls.is_some()) {
+            (true, false) => {
+                return Err(MqttError::Settings(format!(
+                    "{} needs a TLS client config",
+                    self.url
+                )))
+            }
+            (false, true) => {
+                return Err(MqttError::Settings(format!(
+                    "a TLS client config was given for the plain url {}",
+                    self.url
+                )))
+            }
+            _ => {}
+        }
+        if let Some((topic, payload, _)) = &self.last_will {
+            check_publish(topic, payload.len())?;
+        }
+        for filter in &self.subscriptions {
+            if !rumqttc::valid_filter(filter) || filter.contains('\0') {
+                return Err(MqttError::Settings(format!(
+                    "invalid subscription filter {}",
+                    quoted(filter)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn mqtt_options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(self.client_id.clone(), self.url.host(), self.url.port());
+        o.set_clean_session(self.clean_session)
+            .set_keep_alive(self.keep_alive)
+            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+        if let Some((topic, payload, retain)) = &self.last_will {
+            o.set_last_will(LastWill::new(
+                topic.clone(),
+                payload.clone(),
+                QoS::AtLeastOnce,
+                *retain,
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
+        o
+    }
+}
+
+/// Refuses what would otherwise fail inside rumqttc's event loop, where an
+/// oversized QoS 1 publish kills the connection and is retried after every
+/// reconnect.
+fn check_publish(topic: &str, payload_len: usize) -> Result<(), MqttError> {
+    let reason = if topic.is_empty() {
+        "the topic is empty"
+    } else if topic.contains(['+', '#']) {
+        "wildcards are not allowed in a topic name"
+    } else if topic.contains('\0') {
+        "the topic contains NUL"
+    } else {
+        // Fixed header (1 + up to 4), topic length (2), packet id (2).
+        let size = 9 + topic.len() + payload_len;
+        if size > MAX_PACKET_SIZE {
+            return Err(MqttError::TooLarge {
+                topic: topic.to_owned(),
+                size,
+                max: MAX_PACKET_SIZE,
+            });
+        }
+        return Ok(());
+    };
+    Err(MqttError::Topic {
+        topic: quoted(topic),
+        reason,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Handle and events
+
+/// What the connection task reports, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// After every ConnAck, subscriptions already queued. The broker may
+    /// have published the Last Will meanwhile: republish the node status
+    /// (and the latest status of live jobs) on each.
+    Connected { session_present: bool },
+    /// A publish on a subscribed filter. Already acknowledged to the broker.
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    /// The connection failed or could not be made; the next attempt is in
+    /// `retry_in`.
+    Disconnected { error: String, retry_in: Duration },
+}
+
+/// Publishes through the connection task. Cheap to clone.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+}
+
+impl fmt::Debug for MqttHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MqttHandle")
+    }
+}
+
+impl MqttHandle {
+    /// Queues `value` as JSON with QoS 1. Returns once queued (sent later,
+    /// after a reconnect if need be), or an error after a bounded wait.
+    pub async fn publish_json<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        retain: bool,
+    ) -> Result<(), MqttError> {
+        let payload = serde_json::to_vec(value).map_err(|source| MqttError::Encode {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        self.publish_raw(topic, payload, retain).await
+    }
+
+    /// Queues raw bytes with QoS 1; see [`MqttHandle::publish_json`].
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), MqttError> {
+        check_publish(topic, payload.len())?;
+        let queued = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload);
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, queued).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(MqttError::Closed {
+                topic: topic.to_owned(),
+            }),
+            Err(_) => Err(MqttError::QueueFull {
+                topic: topic.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Starts the connection task (inside a Tokio runtime).
+///
+/// It runs until `shutdown` is cancelled or the receiver is dropped, then
+/// publishes the will (if any), disconnects cleanly within a short deadline
+/// and ends; the receiver then yields `None`. Cancel `shutdown` only after
+/// the last status that must reach the broker has been published.
+pub fn spawn(
+    settings: ClientSettings,
+    shutdown: CancellationToken,
+) -> Result<(MqttHandle, mpsc::Receiver<Inbound>, JoinHandle<()>), MqttError> {
+    settings.validate()?;
+    let (client, eventloop) = AsyncClient::new(settings.mqtt_options(), OUTGOING_CAPACITY);
+    let (tx, rx) = mpsc::channel(INBOUND_CAPACITY);
+    let span = tracing::info_span!("mqtt", broker = %settings.url, client_id = %settings.client_id);
+    let conn = Connection {
+        eventloop,
+        client: client.clone(),
+        tx,
+        shutdown,
+        subscriptions: settings.subscriptions,
+        will: settings.last_will,
+        carry: VecDeque::new(),
+        backoff: Backoff::default(),
+    };
+    let task = tokio::spawn(conn.run().instrument(span));
+    Ok((MqttHandle { client }, rx, task))
+}
+
+// ---------------------------------------------------------------------------
+// The task
+
+struct Connection {
+    eventloop: EventLoop,
+    /// For the goodbye only; the task must never await its own queue.
+    client: AsyncClient,
+    tx: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+    subscriptions: Vec<String>,
+    will: Option<(String, Vec<u8>, bool)>,
+    /// Unacknowledged requests of the lost connection, kept here because
+    /// rumqttc clears its own copy when the broker has no session for us.
+    carry: VecDeque<Request>,
+    backoff: Backoff,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let mut connected = false;
+        loop {
+            let polled = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                ev = self.eventloop.poll() => ev,
+            };
+            match polled {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connected = true;
+                    info!(
+                        session_present = ack.session_present,
+                        "connected to the broker"
+                    );
+                    self.on_connack(ack.session_present);
+                    let ev = Inbound::Connected {
+                        session_present: ack.session_present,
+                    };
+                    if !deliver(&self.tx, &self.shutdown, ev).await {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let ev = Inbound::Message {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    };
+                    if !deliver(&self.tx, &self.shutdown, ev).await {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => self.check_suback(&ack),
+                Ok(_) => {}
+                Err(e) => {
+                    connected = false;
+                    self.carry.extend(self.eventloop.pending.drain(..));
+                    let retry_in = self.backoff.on_error(Instant::now());
+                    warn!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost");
+                    let ev = Inbound::Disconnected {
+                        error: e.to_string(),
+                        retry_in,
+                    };
+                    if !deliver(&self.tx, &self.shutdown, ev).await {
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => break,
+                        () = tokio::time::sleep(retry_in) => {}
+                    }
+                }
+            }
+        }
+        if connected {
+            self.goodbye().await;
+        } else if !self.carry.is_empty() {
+            warn!(
+                requests = self.carry.len(),
+                "stopping while disconnected; unacknowledged publishes are lost"
+            );
+        }
+        debug!("mqtt task ended");
+    }
+
+    /// Queues the subscriptions ahead of everything, then what the lost
+    /// connection left unacknowledged.
+    fn on_connack(&mut self, session_present: bool) {
+        self.backoff.on_connected(Instant::now());
+        let carried = std::mem::take(&mut self.carry);
+        let mut queue: VecDeque<Request> = if session_present {
+            carried
+        } else {
+            // A new session knows no packet ids: resend publishes as new,
+            // drop acks and releases that refer to the old session.
+            carried
+                .into_iter()
+                .filter_map(|r| match r {
+                    Request::Publish(mut p) => {
+                        p.pkid = 0;
+                        p.dup = false;
+                        Some(Request::Publish(p))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        if !self.subscriptions.is_empty() {
+            let filters = self
+                .subscriptions
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            queue.push_front(Request::Subscribe(Subscribe::new_many(filters)));
+        }
+        queue.extend(self.eventloop.pending.drain(..));
+        self.eventloop.pending = queue;
+    }
+
+    fn check_suback(&self, ack: &SubAck) {
+        // Ours is the only SUBSCRIBE, its codes follow our filters' order.
+        for (i, code) in ack.return_codes.iter().enumerate() {
+            if *code == SubscribeReasonCode::Failure {
+                let filter = self.subscriptions.get(i).map_or("?", String::as_str);
+                error!(filter, "the broker refused a subscription (check its ACL)");
+            }
+        }
+    }
+
+    /// Will (if any), then DISCONNECT behind everything already queued.
+    async fn goodbye(mut self) {
+        if let Some((topic, payload, retain)) = self.will.take() {
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+                .is_err()
+            {
+                warn!("outgoing queue full; the will is left to the broker");
+            }
+        }
+        if self.client.try_disconnect().is_err() {
+            warn!("outgoing queue full; closing without a clean disconnect");
+            return;
+        }
+        let eventloop = &mut self.eventloop;
+        let tx = &self.tx;
+        let drain = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return true,
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let ev = Inbound::Message {
+                            topic: p.topic,
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        };
+                        if tx.try_send(ev).is_err() {
+                            warn!("a message arrived during shutdown and was dropped");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, "connection lost during the goodbye");
+                        return false;
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(GOODBYE_DEADLINE, drain).await {
+            Ok(true) => info!("disconnected from the broker"),
+            Ok(false) => {}
+            Err(_) => warn!("clean disconnect timed out"),
+        }
+    }
+}
+
+/// Waits for room in the inbound channel. False when the task should stop:
+/// shutdown, or nobody listens any more. (A free function: `&Connection`
+/// is not `Send`, rumqttc's network is not `Sync`.)
+async fn deliver(tx: &mpsc::Sender<Inbound>, shutdown: &CancellationToken, ev: Inbound) -> bool {
+    let permit = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            // Already acked to the broker: hand it over if there is room.
+            let _ = tx.try_send(ev);
+            return false;
+        }
+        permit = tx.reserve() => permit,
+    };
+    match permit {
+        Ok(permit) => {
+            permit.send(ev);
+            true
+        }
+        Err(_) => {
+            info!("inbound receiver dropped; stopping");
+            false
+        }
+    }
+}
+
+/// Exponential backoff between connection attempts. Pure: the caller passes
+/// the time in.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    connected_at: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_MIN,
+            connected_at: None,
+        }
+    }
+}
+
+impl Backoff {
+    fn on_connected(&mut self, now: Instant) {
+        self.connected_at = Some(now);
+    }
+
+    /// The delay before the next attempt.
+    fn on_error(&mut self, now: Instant) -> Duration {
+        if let Some(since) = self.connected_at.take() {
+            if now.saturating_duration_since(since) >= STABLE_AFTER {
+                self.next = BACKOFF_MIN;
+            }
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> BrokerUrl {
+        BrokerUrl::parse(s).unwrap()
+    }
+
+    #[test]
+    fn broker_urls() {
+        let u = url("mqtt://broker.local");
+        assert_eq!(
+            (u.is_tls(), u.host(), u.port()),
+            (false, "broker.local", 1883)
+        );
+        let u = url("mqtts://broker.local");
+        assert_eq!(
+            (u.is_tls(), u.host(), u.port()),
+            (true, "broker.local", 8883)
+        );
+        let u = url("mqtt://127.0.0.1:18830/");
+        assert_eq!((u.host(), u.port()), ("127.0.0.1", 18830));
+        assert_eq!(u.to_string(), "mqtt://127.0.0.1:18830");
+        let u = url("mqtt://[::1]:1884");
+        assert_eq!((u.host(), u.port()), ("[::1]", 1884));
+        assert_eq!(url("mqtt://[::1]").port(), 1883);
+        assert_eq!(
+            "mqtts://b:1".parse::<BrokerUrl>().unwrap(),
+            url("mqtts://b:1")
+        );
+    }
+
+    #[test]
+    fn bad_broker_urls_say_why() {
+        let cases = [
+            (
+                "tcp://host",
+                "expected mqtt://host[:port] or mqtts://host[:port]",
+            ),
+            ("host:1883", "expected mqtt://"),
+            ("MQTT://host", "expected mqtt://"),
+            ("mqtt://", "missing host"),
+            ("mqtt://:1883", "missing host"),
+            ("mqtt://host:", "the port must be a number"),
+            ("mqtt://host:+1", "the port must be a number"),
+            ("mqtt://host:x", "the port must be a number"),
+            ("mqtt://host:0", "the port must be 1..=65535"),
+            ("mqtt://host:65536", "the port must be 1..=65535"),
+            ("mqtt://user:pw@host", "no user, path or query"),
+            ("mqtt://host/path", "no user, path or query"),
+            ("mqtt://host?x=1", "no user, path or query"),
+            ("mqtt://ho st", "invalid host name"),
+            ("mqtt://host:1:2", "the port must be a number"),
+            ("mqtt://[::1", "unclosed '['"),
+            ("mqtt://[zz]", "invalid IPv6 address"),
+            ("mqtt://[::1]x", "expected ':' after ']'"),
+            ("mqtts://[::1]", "IPv6 literal is not supported"),
+        ];
+        for (input, want) in cases {
+            let err = BrokerUrl::parse(input).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("invalid broker url {}", quoted(input))),
+                "{err}"
+            );
+            assert!(err.contains(want), "{input}: {err}");
+        }
+    }
+
+    fn tls_config() -> Arc<rustls::ClientConfig> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    #[test]
+    fn settings_are_validated_before_rumqttc_sees_them() {
+        let ok = ClientSettings::new(url("mqtt://b"), "node-a");
+        ok.validate().unwrap();
+        assert!(!ok.clean_session);
+
+        let mut s = ok.clone();
+        s.client_id = String::new();
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid client id \"\""));
+
+        let mut s = ok.clone();
+        s.keep_alive = Duration::from_millis(500);
+        assert!(s.validate().unwrap_err().to_string().contains("keep_alive"));
+
+        let mut s = ok.clone();
+        s.url = url("mqtts://b");
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs a TLS client config"));
+        s.tls = Some(tls_config());
+        s.validate().unwrap();
+        s.url = url("mqtt://b");
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("plain url mqtt://b:1883"));
+
+        let mut s = ok.clone();
+        s.subscriptions = vec!["ferry/v1/a/jobs/+".into(), "ferry/#/x".into()];
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("invalid subscription filter \"ferry/#/x\""));
+
+        let mut s = ok;
+        s.last_will = Some(("ferry/v1/+/status".into(), b"{}".to_vec(), true));
+        assert!(s.validate().unwrap_err().to_string().contains("wildcards"));
+    }
+
+    #[test]
+    fn debug_hides_the_tls_config() {
+        let mut s = ClientSettings::new(url("mqtts://b"), "node-a");
+        s.tls = Some(tls_config());
+        let d = format!("{s:?}");
+        assert!(
+            d.contains("<rustls config>") && !d.contains("RootCertStore"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn publish_checks() {
+        check_publish("ferry/v1/a/status", 100).unwrap();
+        for (topic, want) in [
+            ("", "the topic is empty"),
+            ("a/+/b", "wildcards"),
+            ("a/#", "wildcards"),
+            ("a\0b", "NUL"),
+        ] {
+            let err = check_publish(topic, 1).unwrap_err().to_string();
+            assert!(err.contains(want), "{topic:?}: {err}");
+        }
+        let err = check_publish("t", MAX_PACKET_SIZE).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "payload for t too large: {} bytes (max {MAX_PACKET_SIZE})",
+                MAX_PACKET_SIZE + 10
+            )
+        );
+        check_publish("t", MAX_PACKET_SIZE - 10).unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let mut b = Backoff::default();
+        let t = Instant::now();
+        let delays: Vec<u64> = (0..10).map(|_| b.on_error(t).as_millis() as u64).collect();
+        assert_eq!(
+            delays,
+            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+    }
+
+    #[test]
+    fn backoff_resets_after_a_stable_connection_only() {
+        let mut b = Backoff::default();
+        let t = Instant::now();
+        for _ in 0..4 {
+            b.on_error(t);
+        }
+        // Connected, then dropped at once (e.g. another client took our id):
+        // keep backing off.
+        b.on_connected(t);
+        assert_eq!(
+            b.on_error(t + Duration::from_millis(50)),
+            Duration::from_secs(4)
+        );
+        // A connection that held: start over.
+        b.on_connected(t);
+        assert_eq!(b.on_error(t + STABLE_AFTER), BACKOFF_MIN);
+        assert_eq!(b.on_error(t + STABLE_AFTER), BACKOFF_MIN * 2);
+    }
+}

@@ -14,7 +14,10 @@ use tracing::{error, info, warn, Instrument};
 use crate::config::AgentConfig;
 use crate::migration::source::{self, MigrateJob};
 use crate::migration::{now_ms, target, JobHandle, Node};
-use crate::mqtt::contract::{self, Accepted, JobLedger, JobRequest, NodeStatus, Rejected, TopicKind, Topics};
+use crate::mqtt::contract::{
+    self, Accepted, JobRequest, NodeStatus, RateSpec, Rejected, TopicKind,
+};
+use crate::mqtt::JobLedger;
 use crate::mqtt::{self, ClientSettings, Inbound};
 use crate::runtime::{Docker, Engine};
 use crate::stream::ratelimit::parse_rate;
@@ -42,6 +45,8 @@ pub enum AgentError {
     },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("mqtt: {0}")]
+    Mqtt(String),
 }
 
 /// Runs the agent until `shutdown` fires, then drains: no new jobs, running
@@ -57,17 +62,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         path: config.work_dir.clone(),
         source,
     })?;
-    let mut ledger = JobLedger::open(&config.work_dir.join("jobs-seen")).map_err(|source| AgentError::WorkDir {
-        path: config.work_dir.clone(),
-        source,
+    let mut ledger = JobLedger::open(config.work_dir.join("jobs-seen")).map_err(|source| {
+        AgentError::WorkDir {
+            path: config.work_dir.clone(),
+            source,
+        }
     })?;
     if config.insecure {
         warn!("--insecure: plain TCP is allowed where no TLS files are given; never use this on a real fleet");
     }
     let (tls_client, tls_server) = match &config.tls {
         Some(files) => (
-            Some(crate::stream::tls::client_config(files).map_err(|e| AgentError::Tls(e.to_string()))?),
-            Some(crate::stream::tls::server_config(files).map_err(|e| AgentError::Tls(e.to_string()))?),
+            Some(
+                crate::stream::tls::client_config(files)
+                    .map_err(|e| AgentError::Tls(e.to_string()))?,
+            ),
+            Some(
+                crate::stream::tls::server_config(files)
+                    .map_err(|e| AgentError::Tls(e.to_string()))?,
+            ),
         ),
         None => (None, None),
     };
@@ -78,10 +91,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             source,
         })?;
 
-    let topics = Topics::new(&config.topic_root);
+    let advertise = match config.advertise {
+        Some(a) => a,
+        None => listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?,
+    };
+    let topics = config.topics.clone();
     let will = (
         topics.node_status(&config.node_id),
-        serde_json::to_vec(&NodeStatus::offline_will()).unwrap_or_default(),
+        NodeStatus::offline_will(),
         true,
     );
     let mqtt_settings = ClientSettings {
@@ -91,12 +111,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         // offline are delivered when it comes back.
         clean_session: false,
         keep_alive: KEEP_ALIVE,
-        tls: if config.mqtt.tls { tls_client.clone() } else { None },
+        tls: if config.mqtt.is_tls() {
+            tls_client.clone()
+        } else {
+            None
+        },
         last_will: Some(will),
         subscriptions: vec![topics.jobs_of(&config.node_id), topics.all_node_status()],
     };
     let mqtt_stop = CancellationToken::new();
-    let (mqtt, mut inbound, mqtt_task) = mqtt::spawn(mqtt_settings, mqtt_stop.clone());
+    let (mqtt, mut inbound, mqtt_task) = mqtt::spawn(mqtt_settings, mqtt_stop.clone())
+        .map_err(|e| AgentError::Mqtt(e.to_string()))?;
 
     let node = Arc::new(Node {
         id: config.node_id.clone(),
@@ -114,16 +139,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     info!(
         node = %node.id,
         arch = %node.engine_info.arch,
-        data = %config.advertise,
+        data = %advertise,
         work_dir = %config.work_dir.display(),
         "agent started"
     );
 
     let tasks = TaskTracker::new();
     let accept_stop = CancellationToken::new();
-    tasks.spawn(serve_data_port(node.clone(), listener, tls_server, accept_stop.clone(), tasks.clone()));
+    tasks.spawn(serve_data_port(
+        node.clone(),
+        listener,
+        tls_server,
+        accept_stop.clone(),
+        tasks.clone(),
+    ));
 
-    let advertise = config.advertise.to_string();
+    let advertise = advertise.to_string();
     let publish_status = |online: bool| {
         let node = node.clone();
         let advertise = advertise.clone();
@@ -157,7 +188,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                         info!("connected to the broker");
                         publish_status(true).await;
                     }
-                    Inbound::Disconnected { error } => warn!(%error, "broker connection lost; retrying"),
+                    Inbound::Disconnected { error, retry_in } => {
+                        warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
+                    }
                     Inbound::Message { topic, payload, .. } => {
                         match topics.parse(&topic) {
                             Some(TopicKind::NodeStatus { node: peer }) => {
@@ -184,7 +217,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     info!(running = node.job_count(), "draining");
     accept_stop.cancel();
     tasks.close();
-    if tokio::time::timeout(config.drain_timeout, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("drain deadline passed; canceling running jobs");
         for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
             handle.try_cancel();
@@ -265,7 +301,12 @@ async fn handle_job<E: Engine + 'static>(
             return;
         }
         Err(e) => {
-            reply(node, job_id, Err(format!("cannot record job id in the work dir: {e}"))).await;
+            reply(
+                node,
+                job_id,
+                Err(format!("cannot record job id in the work dir: {e}")),
+            )
+            .await;
             return;
         }
     }
@@ -275,7 +316,12 @@ async fn handle_job<E: Engine + 'static>(
     };
     match request {
         JobRequest::Cancel { job } => {
-            let handle = node.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&job).cloned();
+            let handle = node
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&job)
+                .cloned();
             let result = match handle {
                 None => Err(format!("job {job} is not running on {}", node.id)),
                 Some(h) if h.try_cancel() => Ok(()),
@@ -290,9 +336,23 @@ async fn handle_job<E: Engine + 'static>(
             target,
             options,
         } => {
-            let rate_limit = match options.rate_limit.map(|r| r.to_bytes_per_sec(parse_rate)).transpose() {
+            let rate_limit = match options
+                .rate_limit
+                .map(|r| match r {
+                    RateSpec::Text(t) => parse_rate(&t).map_err(|e| e.to_string()),
+                    RateSpec::Bytes(n) => Ok(n),
+                })
+                .transpose()
+            {
                 Ok(r) => r,
-                Err(e) => return reply(node, job_id, Err(format!("invalid options.rate_limit: {e}"))).await,
+                Err(e) => {
+                    return reply(
+                        node,
+                        job_id,
+                        Err(format!("invalid options.rate_limit: {e}")),
+                    )
+                    .await
+                }
             };
             if let Some(reason) = quick_check(node, &container, &target).await {
                 return reply(node, job_id, Err(reason)).await;
@@ -338,7 +398,12 @@ async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -
         return Some(format!("container {container} is already being migrated"));
     }
     match node.engine.inspect(container).await {
-        Ok(c) if !c.running => return Some(format!("container {container} is not running on {}", node.id)),
+        Ok(c) if !c.running => {
+            return Some(format!(
+                "container {container} is not running on {}",
+                node.id
+            ))
+        }
         Ok(_) => {}
         Err(crate::runtime::RuntimeError::NotFound(_)) => {
             return Some(format!("container {container} not found on {}", node.id))

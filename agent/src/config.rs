@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::mqtt::contract::validate_id;
+use crate::mqtt::contract::{validate_id, Topics};
 use crate::mqtt::BrokerUrl;
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -32,7 +32,10 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("missing {0} (give the flag or set it in the config file)")]
     Missing(&'static str),
 }
@@ -123,7 +126,7 @@ impl AgentSettings {
         let node_id = self.node_id.ok_or(ConfigError::Missing("node_id"))?;
         validate_id("node id", &node_id).map_err(|e| invalid("node_id", e.to_string()))?;
         let mqtt_text = self.mqtt.ok_or(ConfigError::Missing("mqtt"))?;
-        let mqtt: BrokerUrl = mqtt_text.parse().map_err(|e: crate::mqtt::MqttError| invalid("mqtt", e.to_string()))?;
+        let mqtt = BrokerUrl::parse(&mqtt_text).map_err(|e| invalid("mqtt", e.to_string()))?;
         let listen: SocketAddr = self
             .listen
             .as_deref()
@@ -131,30 +134,28 @@ impl AgentSettings {
             .parse()
             .map_err(|e| invalid("listen", format!("expected ADDR:PORT: {e}")))?;
         let advertise = match self.advertise {
-            Some(a) => a
-                .parse()
-                .map_err(|e| invalid("advertise", format!("expected ADDR:PORT: {e}")))?,
-            None if listen.ip().is_unspecified() => {
-                return Err(invalid(
-                    "advertise",
-                    format!("listen address {listen} is a wildcard; say which address peers should dial"),
-                ))
-            }
-            None => listen,
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e| invalid("advertise", format!("expected ADDR:PORT: {e}")))?,
+            ),
+            None if listen.ip().is_unspecified() => return Err(invalid(
+                "advertise",
+                format!(
+                    "listen address {listen} is a wildcard; say which address peers should dial"
+                ),
+            )),
+            // The bound address, once bound (port 0 picks a free port).
+            None => None,
         };
-        let topic_root = self.topic_root.unwrap_or_else(|| DEFAULT_TOPIC_ROOT.to_string());
-        if topic_root.is_empty()
-            || topic_root.starts_with('/')
-            || topic_root.ends_with('/')
-            || topic_root.contains(['+', '#', '\0'])
-        {
-            return Err(invalid(
-                "topic_root",
-                format!("{topic_root:?} must be non-empty, without wildcards or a leading/trailing '/'"),
-            ));
-        }
+        let topic_root = self
+            .topic_root
+            .unwrap_or_else(|| DEFAULT_TOPIC_ROOT.to_string());
+        let topics =
+            Topics::new(topic_root.as_str()).map_err(|e| invalid("topic_root", e.to_string()))?;
         let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(crate::stream::tls::TlsFiles { ca, cert, key }),
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(crate::stream::tls::TlsFiles { ca, cert, key })
+            }
             (None, None, None) => None,
             _ => {
                 return Err(invalid(
@@ -169,27 +170,37 @@ impl AgentSettings {
                 "no TLS files given: set tls_ca, tls_cert and tls_key (or pass --insecure for plain TCP, development only)",
             ));
         }
-        if mqtt.tls && tls.is_none() {
-            return Err(invalid("mqtt", "mqtts:// needs tls_ca, tls_cert and tls_key"));
-        }
-        if !mqtt.tls && !self.insecure {
+        if mqtt.is_tls() && tls.is_none() {
             return Err(invalid(
                 "mqtt",
-                format!("{mqtt_text} is plain TCP: use mqtts:// (or pass --insecure, development only)"),
+                "mqtts:// needs tls_ca, tls_cert and tls_key",
+            ));
+        }
+        if !mqtt.is_tls() && !self.insecure {
+            return Err(invalid(
+                "mqtt",
+                format!(
+                    "{mqtt_text} is plain TCP: use mqtts:// (or pass --insecure, development only)"
+                ),
             ));
         }
         let work_dir = self.work_dir.unwrap_or_else(default_work_dir);
         if !work_dir.is_absolute() {
-            return Err(invalid("work_dir", format!("{} must be an absolute path", work_dir.display())));
+            return Err(invalid(
+                "work_dir",
+                format!("{} must be an absolute path", work_dir.display()),
+            ));
         }
         Ok(AgentConfig {
             node_id,
             mqtt,
-            docker: self.docker.unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.to_string()),
+            docker: self
+                .docker
+                .unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.to_string()),
             listen,
             advertise,
             work_dir,
-            topic_root,
+            topics,
             tls,
             insecure: self.insecure,
             drain_timeout: self
@@ -207,9 +218,10 @@ pub struct AgentConfig {
     pub mqtt: BrokerUrl,
     pub docker: String,
     pub listen: SocketAddr,
-    pub advertise: SocketAddr,
+    /// `None`: advertise the address the data port is bound to.
+    pub advertise: Option<SocketAddr>,
     pub work_dir: PathBuf,
-    pub topic_root: String,
+    pub topics: Topics,
     pub tls: Option<crate::stream::tls::TlsFiles>,
     pub insecure: bool,
     pub drain_timeout: Duration,
@@ -260,23 +272,77 @@ mod tests {
     #[test]
     fn defaults_fill_in() {
         let c = minimal().validate().unwrap();
-        assert_eq!(c.topic_root, DEFAULT_TOPIC_ROOT);
+        assert_eq!(c.topics.root(), DEFAULT_TOPIC_ROOT);
         assert_eq!(c.docker, DEFAULT_DOCKER_SOCKET);
-        assert_eq!(c.advertise, c.listen);
+        assert_eq!(c.advertise, None);
     }
 
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(AgentSettings, &str)> = vec![
-            (AgentSettings { node_id: None, ..minimal() }, "node_id"),
-            (AgentSettings { node_id: Some("a/b".into()), ..minimal() }, "node_id"),
-            (AgentSettings { mqtt: Some("http://x".into()), ..minimal() }, "mqtt"),
-            (AgentSettings { listen: Some("nowhere".into()), ..minimal() }, "listen"),
-            (AgentSettings { listen: Some("0.0.0.0:7070".into()), ..minimal() }, "advertise"),
-            (AgentSettings { topic_root: Some("a/#".into()), ..minimal() }, "topic_root"),
-            (AgentSettings { tls_ca: Some("/ca.pem".into()), ..minimal() }, "tls"),
-            (AgentSettings { insecure: false, ..minimal() }, "tls"),
-            (AgentSettings { work_dir: Some("rel".into()), ..minimal() }, "work_dir"),
+            (
+                AgentSettings {
+                    node_id: None,
+                    ..minimal()
+                },
+                "node_id",
+            ),
+            (
+                AgentSettings {
+                    node_id: Some("a/b".into()),
+                    ..minimal()
+                },
+                "node_id",
+            ),
+            (
+                AgentSettings {
+                    mqtt: Some("http://x".into()),
+                    ..minimal()
+                },
+                "mqtt",
+            ),
+            (
+                AgentSettings {
+                    listen: Some("nowhere".into()),
+                    ..minimal()
+                },
+                "listen",
+            ),
+            (
+                AgentSettings {
+                    listen: Some("0.0.0.0:7070".into()),
+                    ..minimal()
+                },
+                "advertise",
+            ),
+            (
+                AgentSettings {
+                    topic_root: Some("a/#".into()),
+                    ..minimal()
+                },
+                "topic_root",
+            ),
+            (
+                AgentSettings {
+                    tls_ca: Some("/ca.pem".into()),
+                    ..minimal()
+                },
+                "tls",
+            ),
+            (
+                AgentSettings {
+                    insecure: false,
+                    ..minimal()
+                },
+                "tls",
+            ),
+            (
+                AgentSettings {
+                    work_dir: Some("rel".into()),
+                    ..minimal()
+                },
+                "work_dir",
+            ),
         ];
         for (settings, field) in cases {
             let err = settings.validate().unwrap_err().to_string();
@@ -297,7 +363,7 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/agent.toml");
         let settings = AgentSettings::from_toml_file(&example).unwrap();
         let config = settings.validate().unwrap();
-        assert_eq!(config.topic_root, DEFAULT_TOPIC_ROOT);
-        assert!(config.mqtt.tls);
+        assert_eq!(config.topics.root(), DEFAULT_TOPIC_ROOT);
+        assert!(config.mqtt.is_tls());
     }
 }

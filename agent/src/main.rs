@@ -10,7 +10,11 @@ use ferry_agent::config::AgentSettings;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Live-migrates Docker containers between edge devices")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live-migrates Docker containers between edge devices"
+)]
 struct Cli {
     /// Log as JSON lines instead of text (both go to stderr).
     #[arg(long, global = true)]
@@ -60,7 +64,9 @@ enum Command {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Rejected, TopicKind, Topics};
+use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Rejected, Role, TopicKind, Topics};
 use crate::mqtt::{self, BrokerUrl, ClientSettings, Inbound, MqttHandle};
 
 /// How long `migrate` waits for the source agent's accepted/rejected reply.
@@ -21,15 +21,26 @@ const RETAINED_QUIET: Duration = Duration::from_millis(500);
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("broker: {0}")]
     Broker(String),
     #[error("job {job} rejected by {node}: {reason}")]
-    Rejected { job: String, node: String, reason: String },
+    Rejected {
+        job: String,
+        node: String,
+        reason: String,
+    },
     #[error("no reply from {node} within {secs} s: is its agent online?")]
     NoReply { node: String, secs: u64 },
     #[error("job {job} ended {state}{}", .error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
-    Unsuccessful { job: String, state: String, error: Option<String> },
+    Unsuccessful {
+        job: String,
+        state: String,
+        error: Option<String>,
+    },
 }
 
 /// How the manager reaches the broker.
@@ -49,6 +60,13 @@ pub struct BrokerArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+fn topics(root: &str) -> Result<Topics, CliError> {
+    Topics::new(root).map_err(|e| CliError::Invalid {
+        field: "topic_root",
+        message: e.to_string(),
+    })
+}
+
 struct Session {
     topics: Topics,
     handle: MqttHandle,
@@ -58,7 +76,7 @@ struct Session {
 
 impl Session {
     async fn open(args: &BrokerArgs, subscriptions: Vec<String>) -> Result<Self, CliError> {
-        let url: BrokerUrl = args.mqtt.parse().map_err(|e: mqtt::MqttError| CliError::Invalid {
+        let url = BrokerUrl::parse(&args.mqtt).map_err(|e| CliError::Invalid {
             field: "mqtt",
             message: e.to_string(),
         })?;
@@ -74,7 +92,7 @@ impl Session {
                     message: e.to_string(),
                 })?,
             ),
-            (None, None, None) if !url.tls => None,
+            (None, None, None) if !url.is_tls() => None,
             _ => {
                 return Err(CliError::Invalid {
                     field: "tls",
@@ -84,7 +102,11 @@ impl Session {
         };
         let settings = ClientSettings {
             url,
-            client_id: format!("ferry-cli-{}-{}", std::process::id(), crate::migration::now_ms()),
+            client_id: format!(
+                "ferry-cli-{}-{}",
+                std::process::id(),
+                crate::migration::now_ms()
+            ),
             clean_session: true,
             keep_alive: Duration::from_secs(30),
             tls,
@@ -92,14 +114,15 @@ impl Session {
             subscriptions,
         };
         let stop = CancellationToken::new();
-        let (handle, mut inbound, _task) = mqtt::spawn(settings, stop.clone());
+        let (handle, mut inbound, _task) =
+            mqtt::spawn(settings, stop.clone()).map_err(|e| CliError::Broker(e.to_string()))?;
         // Wait for the first connection so publishes are not lost in a queue
         // that never drains.
         let connected = tokio::time::timeout(REPLY_TIMEOUT, async {
             loop {
                 match inbound.recv().await {
                     Some(Inbound::Connected { .. }) => return Ok(()),
-                    Some(Inbound::Disconnected { error }) => return Err(error),
+                    Some(Inbound::Disconnected { error, .. }) => return Err(error),
                     Some(_) => continue,
                     None => return Err("connection task ended".to_string()),
                 }
@@ -108,11 +131,16 @@ impl Session {
         .await;
         match connected {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(CliError::Broker(format!("cannot connect to {}: {e}", args.mqtt))),
+            Ok(Err(e)) => {
+                return Err(CliError::Broker(format!(
+                    "cannot connect to {}: {e}",
+                    args.mqtt
+                )))
+            }
             Err(_) => return Err(CliError::Broker(format!("no answer from {}", args.mqtt))),
         }
         Ok(Self {
-            topics: Topics::new(&args.topic_root),
+            topics: topics(&args.topic_root)?,
             handle,
             inbound,
             stop,
@@ -162,13 +190,18 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
         .job_id
         .clone()
         .unwrap_or_else(|| format!("m{}-{}", crate::migration::now_ms(), std::process::id()));
-    for (field, v) in [("job id", &job_id), ("--from", &args.from), ("--to", &args.to), ("container", &args.container)] {
+    for (field, v) in [
+        ("job id", &job_id),
+        ("--from", &args.from),
+        ("--to", &args.to),
+        ("container", &args.container),
+    ] {
         crate::mqtt::contract::validate_id(field, v).map_err(|e| CliError::Invalid {
             field: "arguments",
             message: e.to_string(),
         })?;
     }
-    let topics = Topics::new(&args.broker.topic_root);
+    let topics = topics(&args.broker.topic_root)?;
     let job_topic = topics.job(&args.from, &job_id);
     let subscriptions = vec![
         topics.job_accepted(&args.from, &job_id),
@@ -191,7 +224,10 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
         .publish_json(&job_topic, &job, false)
         .await
         .map_err(|e| CliError::Broker(e.to_string()))?;
-    eprintln!("job {job_id}: migrate {} from {} to {}", args.container, args.from, args.to);
+    eprintln!(
+        "job {job_id}: migrate {} from {} to {}",
+        args.container, args.from, args.to
+    );
 
     let bar = progress_bar();
     let mut accepted = false;
@@ -221,7 +257,11 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
                 let reason = serde_json::from_slice::<Rejected>(&payload)
                     .map(|r| r.reason)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&payload).into_owned());
-                return Err(CliError::Rejected { job: job_id, node, reason });
+                return Err(CliError::Rejected {
+                    job: job_id,
+                    node,
+                    reason,
+                });
             }
             Some(TopicKind::JobStatus { .. }) => {
                 let Ok(status) = serde_json::from_slice::<JobStatus>(&payload) else {
@@ -261,8 +301,10 @@ fn progress_bar() -> ProgressBar {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:14} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} {msg:14} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
@@ -301,16 +343,21 @@ fn print_summary(s: &JobStatus) {
         s.bytes_wire,
         s.rate_bps,
         timings.join(", "),
-        s.error.as_ref().map(|e| format!("; error: {e}")).unwrap_or_default()
+        s.error
+            .as_ref()
+            .map(|e| format!("; error: {e}"))
+            .unwrap_or_default()
     );
 }
 
 /// Lists every node's retained status.
 pub async fn nodes(broker: BrokerArgs) -> Result<BTreeMap<String, NodeStatus>, CliError> {
-    let topics = Topics::new(&broker.topic_root);
+    let topics = topics(&broker.topic_root)?;
     let mut session = Session::open(&broker, vec![topics.all_node_status()]).await?;
     let mut nodes = BTreeMap::new();
-    while let Ok(Some((topic, payload))) = tokio::time::timeout(RETAINED_QUIET, session.next_message()).await {
+    while let Ok(Some((topic, payload))) =
+        tokio::time::timeout(RETAINED_QUIET, session.next_message()).await
+    {
         if let Some(TopicKind::NodeStatus { node }) = session.topics.parse(&topic) {
             if let Ok(s) = serde_json::from_slice::<NodeStatus>(&payload) {
                 nodes.insert(node, s);
@@ -346,7 +393,7 @@ fn mib(bytes: u64) -> String {
 /// Prints job statuses as they change; with a job id, stops at its final
 /// state on the source.
 pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliError> {
-    let topics = Topics::new(&broker.topic_root);
+    let topics = topics(&broker.topic_root)?;
     let mut session = Session::open(&broker, vec![topics.all_job_status()]).await?;
     while let Some((topic, payload)) = session.next_message().await {
         let Some(TopicKind::JobStatus { node, job_id }) = session.topics.parse(&topic) else {
@@ -360,15 +407,18 @@ pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliErr
         };
         println!(
             "{job_id} @{node} ({}) {} {} raw={} wire={} rate={}B/s{}",
-            s.role,
+            state_name(s.role),
             state_name(s.state),
             s.phase.map(state_name).unwrap_or_default(),
             s.bytes_raw,
             s.bytes_wire,
             s.rate_bps,
-            s.error.as_ref().map(|e| format!(" error: {e}")).unwrap_or_default()
+            s.error
+                .as_ref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
         );
-        if job.is_some() && s.role == "source" && s.state.is_final() {
+        if job.is_some() && s.role == Role::Source && s.state.is_final() {
             break;
         }
     }

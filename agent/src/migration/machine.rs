@@ -81,7 +81,8 @@ impl SourceMachine {
 
     /// Past the point of no return: a cancel is refused.
     pub fn committed(&self) -> bool {
-        matches!(self.step, Step::Commit) || (self.step == Step::Finish && self.status.state == JobState::Succeeded)
+        matches!(self.step, Step::Commit)
+            || (self.step == Step::Finish && self.status.state == JobState::Succeeded)
     }
 
     /// Transfer counters, as the stream reports them.
@@ -104,7 +105,8 @@ impl SourceMachine {
 
     fn close_phase(&mut self, now_ms: u64) {
         if let Some(phase) = self.status.phase {
-            *self.status.timings_ms.entry(phase).or_insert(0) += now_ms.saturating_sub(self.phase_started_ms);
+            *self.status.timings_ms.entry(phase).or_insert(0) +=
+                now_ms.saturating_sub(self.phase_started_ms);
         }
     }
 
@@ -133,7 +135,8 @@ impl SourceMachine {
                     return self.forward(now_ms);
                 }
                 self.canceled = true;
-                self.failure.get_or_insert_with(|| "canceled by request".into());
+                self.failure
+                    .get_or_insert_with(|| "canceled by request".into());
                 self.backward(now_ms)
             }
         }
@@ -154,11 +157,19 @@ impl SourceMachine {
             Step::AwaitRestore => self.enter(Step::Commit, Some(Phase::Cleanup), now_ms),
             Step::Commit => return self.finish(JobState::Succeeded, now_ms),
             Step::Abort => {
-                let state = if self.canceled { JobState::Canceled } else { JobState::Failed };
+                let state = if self.canceled {
+                    JobState::Canceled
+                } else {
+                    JobState::Failed
+                };
                 return self.finish(state, now_ms);
             }
             Step::RollBack => {
-                let state = if self.canceled { JobState::Canceled } else { JobState::RolledBack };
+                let state = if self.canceled {
+                    JobState::Canceled
+                } else {
+                    JobState::RolledBack
+                };
                 return self.finish(state, now_ms);
             }
             Step::Finish => {}
@@ -179,7 +190,11 @@ impl SourceMachine {
             // checkpoint, and the error says what is unconfirmed.
             Step::Commit => return self.finish(JobState::Failed, now_ms),
             Step::Abort => {
-                let state = if self.canceled { JobState::Canceled } else { JobState::Failed };
+                let state = if self.canceled {
+                    JobState::Canceled
+                } else {
+                    JobState::Failed
+                };
                 return self.finish(state, now_ms);
             }
             // The original could not be restored either.
@@ -193,9 +208,13 @@ impl SourceMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::contract::Role;
 
     fn machine() -> SourceMachine {
-        SourceMachine::new(JobStatus::new("j1", "a", "source", "counter", "a", "b"), 1_000)
+        SourceMachine::new(
+            JobStatus::new("j1", "a", Role::Source, "counter", "a", "b", 0),
+            1_000,
+        )
     }
 
     fn run(m: &mut SourceMachine, outcomes: &[Outcome]) -> Vec<Step> {
@@ -209,17 +228,30 @@ mod tests {
     #[test]
     fn happy_path_succeeds_with_timings_per_phase() {
         let mut m = machine();
-        let steps = run(&mut m, &[Outcome::Done; 6]);
+        let steps = run(&mut m, &vec![Outcome::Done; 6]);
         use Step::*;
         assert_eq!(
             steps,
-            [Precheck, PrepareTarget, Checkpoint, Transfer, AwaitRestore, Commit, Finish]
+            [
+                Precheck,
+                PrepareTarget,
+                Checkpoint,
+                Transfer,
+                AwaitRestore,
+                Commit,
+                Finish
+            ]
         );
         let s = m.status();
         assert_eq!(s.state, JobState::Succeeded);
         assert_eq!(s.error, None);
         assert_eq!(s.timings_ms.get(&Phase::Precheck), Some(&200));
-        for p in [Phase::Checkpoint, Phase::Transfer, Phase::Restore, Phase::Cleanup] {
+        for p in [
+            Phase::Checkpoint,
+            Phase::Transfer,
+            Phase::Restore,
+            Phase::Cleanup,
+        ] {
             assert_eq!(s.timings_ms.get(&p), Some(&100), "{p:?}");
         }
     }
@@ -227,7 +259,14 @@ mod tests {
     #[test]
     fn failure_before_checkpoint_aborts_without_rollback() {
         let mut m = machine();
-        let steps = run(&mut m, &[Outcome::Done, Outcome::Failed("target has no image".into()), Outcome::Done]);
+        let steps = run(
+            &mut m,
+            &[
+                Outcome::Done,
+                Outcome::Failed("target has no image".into()),
+                Outcome::Done,
+            ],
+        );
         assert_eq!(steps[2], Step::Abort);
         assert_eq!(m.status().state, JobState::Failed);
         assert_eq!(m.status().error.as_deref(), Some("target has no image"));
@@ -240,7 +279,10 @@ mod tests {
             while m.step() != failing_step {
                 m.on(Outcome::Done, 2_000);
             }
-            assert_eq!(m.on(Outcome::Failed("restore failed on b".into()), 2_100), Step::RollBack);
+            assert_eq!(
+                m.on(Outcome::Failed("restore failed on b".into()), 2_100),
+                Step::RollBack
+            );
             assert_eq!(m.on(Outcome::Done, 2_200), Step::Finish);
             assert_eq!(m.status().state, JobState::RolledBack);
             assert_eq!(m.status().error.as_deref(), Some("restore failed on b"));
@@ -299,7 +341,11 @@ mod tests {
             m.on(Outcome::Done, 2_000);
         }
         assert_eq!(
-            frozen.iter().filter(|(_, f)| *f).map(|(s, _)| *s).collect::<Vec<_>>(),
+            frozen
+                .iter()
+                .filter(|(_, f)| *f)
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>(),
             [Step::Transfer, Step::AwaitRestore]
         );
     }

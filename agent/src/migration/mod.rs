@@ -87,7 +87,11 @@ impl<E: Engine> Node<E> {
     }
 
     pub fn peer(&self, node: &str) -> Option<NodeStatus> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(node).cloned()
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
     }
 
     pub fn job_count(&self) -> usize {

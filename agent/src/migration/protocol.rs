@@ -25,19 +25,24 @@ pub const MAX_MESSAGE: u32 = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToTarget {
-    Prepare {
-        job_id: String,
-        source_node: String,
-        target_node: String,
-        checkpoint: String,
-        spec: ContainerSpec,
-        /// Expected size of the checkpoint images (the container's memory).
-        estimate_bytes: u64,
-        /// The source engine's view, checked again by the target.
-        arch: String,
-        page_size: u64,
-    },
+    Prepare(Box<Prepare>),
     Commit,
+}
+
+/// The source's request to receive a container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    pub job_id: String,
+    pub source_node: String,
+    pub target_node: String,
+    pub checkpoint: String,
+    pub spec: ContainerSpec,
+    /// Expected size of the checkpoint images (the container's memory).
+    pub estimate_bytes: u64,
+    /// The source engine's view, checked again by the target.
+    pub arch: String,
+    pub page_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +91,9 @@ where
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed)
+        }
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len);
@@ -105,19 +112,39 @@ mod tests {
     #[tokio::test]
     async fn messages_round_trip_and_limits_hold() {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
-        send(&mut a, &ToSource::Refused { reason: "no image".into() }).await.unwrap();
+        send(
+            &mut a,
+            &ToSource::Refused {
+                reason: "no image".into(),
+            },
+        )
+        .await
+        .unwrap();
         let got: ToSource = recv(&mut b).await.unwrap();
-        assert_eq!(got, ToSource::Refused { reason: "no image".into() });
+        assert_eq!(
+            got,
+            ToSource::Refused {
+                reason: "no image".into()
+            }
+        );
 
         a.write_all(&(MAX_MESSAGE + 1).to_be_bytes()).await.unwrap();
         let err = recv::<_, ToSource>(&mut b).await.unwrap_err();
         assert!(matches!(err, ProtocolError::TooLarge(_)), "{err}");
 
         let (mut a, mut b) = tokio::io::duplex(1024);
-        send(&mut a, &serde_json::json!({"msg": "restored", "extra": 1})).await.unwrap();
+        send(
+            &mut a,
+            &serde_json::json!({"msg": "failed", "reason": "x", "extra": 1}),
+        )
+        .await
+        .unwrap();
         let err = recv::<_, ToSource>(&mut b).await.unwrap_err();
         assert!(err.to_string().contains("extra"), "{err}");
         drop(a);
-        assert!(matches!(recv::<_, ToSource>(&mut b).await, Err(ProtocolError::Closed)));
+        assert!(matches!(
+            recv::<_, ToSource>(&mut b).await,
+            Err(ProtocolError::Closed)
+        ));
     }
 }

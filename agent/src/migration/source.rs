@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::machine::{Outcome, SourceMachine, Step};
-use super::protocol::{self, ToSource, ToTarget};
+use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, JobHandle, Node};
-use crate::mqtt::contract::JobStatus;
+use crate::mqtt::contract::{JobStatus, Role};
 use crate::runtime::{Container, Engine};
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
@@ -49,7 +49,15 @@ struct Run {
 }
 
 pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, handle: JobHandle) -> JobStatus {
-    let status = JobStatus::new(&job.job_id, &node.id, "source", &job.container, &node.id, &job.target);
+    let status = JobStatus::new(
+        &job.job_id,
+        &node.id,
+        Role::Source,
+        &job.container,
+        &node.id,
+        &job.target,
+        now_ms(),
+    );
     let mut machine = SourceMachine::new(status, now_ms());
     let mut run = Run {
         container: None,
@@ -130,26 +138,42 @@ async fn perform<E: Engine>(
     }
 }
 
-async fn precheck<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) -> Result<(), String> {
+async fn precheck<E: Engine>(
+    node: &Node<E>,
+    job: &MigrateJob,
+    run: &mut Run,
+) -> Result<(), String> {
     let container = node
         .engine
         .inspect(&job.container)
         .await
         .map_err(|e| format!("precheck: {e}"))?;
     if !container.running {
-        return Err(format!("precheck: container {} is not running", job.container));
+        return Err(format!(
+            "precheck: container {} is not running",
+            job.container
+        ));
     }
     if let Err(why) = &node.criu {
-        return Err(format!("precheck: CRIU does not work on {}: {why}", node.id));
+        return Err(format!(
+            "precheck: CRIU does not work on {}: {why}",
+            node.id
+        ));
     }
-    let peer = node
-        .peer(&job.target)
-        .ok_or_else(|| format!("precheck: target node {} is unknown (no status seen)", job.target))?;
+    let peer = node.peer(&job.target).ok_or_else(|| {
+        format!(
+            "precheck: target node {} is unknown (no status seen)",
+            job.target
+        )
+    })?;
     if !peer.online {
         return Err(format!("precheck: target node {} is offline", job.target));
     }
     if peer.data_addr.is_none() {
-        return Err(format!("precheck: target node {} advertises no data address", job.target));
+        return Err(format!(
+            "precheck: target node {} advertises no data address",
+            job.target
+        ));
     }
     if peer.arch != node.engine_info.arch {
         return Err(format!(
@@ -164,7 +188,10 @@ async fn precheck<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) ->
         ));
     }
     if peer.criu.is_none() {
-        return Err(format!("precheck: CRIU does not work on target {}", job.target));
+        return Err(format!(
+            "precheck: CRIU does not work on target {}",
+            job.target
+        ));
     }
     let estimate = node.engine.memory_usage(&container.id).await.unwrap_or(0);
     let free = crate::sysinfo::free_disk(&node.engine_info.root_dir).unwrap_or(u64::MAX);
@@ -180,7 +207,11 @@ async fn precheck<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) ->
     Ok(())
 }
 
-async fn connect<E: Engine>(node: &Node<E>, target: &str, addr: SocketAddr) -> Result<Box<dyn Conn>, String> {
+async fn connect<E: Engine>(
+    node: &Node<E>,
+    target: &str,
+    addr: SocketAddr,
+) -> Result<Box<dyn Conn>, String> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to {target} at {addr} timed out"))?
@@ -199,7 +230,11 @@ async fn connect<E: Engine>(node: &Node<E>, target: &str, addr: SocketAddr) -> R
     Ok(Box::new(stream))
 }
 
-async fn prepare_target<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) -> Result<(), String> {
+async fn prepare_target<E: Engine>(
+    node: &Node<E>,
+    job: &MigrateJob,
+    run: &mut Run,
+) -> Result<(), String> {
     let addr: SocketAddr = node
         .peer(&job.target)
         .and_then(|p| p.data_addr)
@@ -208,7 +243,7 @@ async fn prepare_target<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut R
         .map_err(|e| format!("target {} advertises a bad data address: {e}", job.target))?;
     let container = run.container.as_ref().ok_or("no container inspected")?;
     let mut conn = connect(node, &job.target, addr).await?;
-    let prepare = ToTarget::Prepare {
+    let prepare = ToTarget::Prepare(Box::new(Prepare {
         job_id: job.job_id.clone(),
         source_node: node.id.clone(),
         target_node: job.target.clone(),
@@ -217,7 +252,7 @@ async fn prepare_target<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut R
         estimate_bytes: run.estimate,
         arch: node.engine_info.arch.clone(),
         page_size: node.page_size,
-    };
+    }));
     protocol::send(&mut conn, &prepare)
         .await
         .map_err(|e| format!("prepare on {}: {e}", job.target))?;
@@ -232,11 +267,18 @@ async fn prepare_target<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut R
             Ok(())
         }
         ToSource::Refused { reason } => Err(format!("target {} refused: {reason}", job.target)),
-        other => Err(format!("target {} answered {other:?} to prepare", job.target)),
+        other => Err(format!(
+            "target {} answered {other:?} to prepare",
+            job.target
+        )),
     }
 }
 
-async fn checkpoint<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) -> Result<(), String> {
+async fn checkpoint<E: Engine>(
+    node: &Node<E>,
+    job: &MigrateJob,
+    run: &mut Run,
+) -> Result<(), String> {
     let container = run.container.as_ref().ok_or("no container inspected")?;
     node.engine
         .checkpoint(&container.id, &checkpoint_name(&job.job_id))
@@ -269,7 +311,11 @@ async fn transfer<E: Engine>(
         zstd_level: job.zstd_level,
         rate_limit: job.rate_limit,
     };
-    let (tx, mut rx) = watch::channel(Progress::default());
+    let (tx, mut rx) = watch::channel(Progress {
+        bytes_raw: 0,
+        bytes_wire: 0,
+        rate_bps: 0,
+    });
     let send = wire::send_checkpoint(conn, &header, &dir, &options, move |p| {
         let _ = tx.send(p);
     });
@@ -288,7 +334,12 @@ async fn transfer<E: Engine>(
         }
     }
     .map_err(|e| format!("transfer to {}: {e}", job.target))?;
-    machine.progress(report.bytes_raw, report.bytes_wire, report.rate_bps, now_ms());
+    machine.progress(
+        report.bytes_raw,
+        report.bytes_wire,
+        report.rate_bps,
+        now_ms(),
+    );
     info!(
         job = %job.job_id,
         bytes_raw = report.bytes_raw,
@@ -329,13 +380,18 @@ async fn commit<E: Engine>(node: &Node<E>, run: &mut Run) -> Result<(), String> 
     run.conn = None;
     let container = run.container.as_ref().ok_or("no container inspected")?;
     // Removing the stopped original also removes its checkpoint folder.
-    node.engine
-        .remove(&container.id)
-        .await
-        .map_err(|e| format!("cleanup: the workload runs on the target, but the original could not be removed: {e}"))
+    node.engine.remove(&container.id).await.map_err(|e| {
+        format!(
+            "cleanup: the workload runs on the target, but the original could not be removed: {e}"
+        )
+    })
 }
 
-async fn roll_back<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) -> Result<(), String> {
+async fn roll_back<E: Engine>(
+    node: &Node<E>,
+    job: &MigrateJob,
+    run: &mut Run,
+) -> Result<(), String> {
     // First let the target drop its copy.
     run.conn = None;
     let container = run.container.as_ref().ok_or("no container inspected")?;
@@ -349,7 +405,12 @@ async fn roll_back<E: Engine>(node: &Node<E>, job: &MigrateJob, run: &mut Run) -
         node.engine
             .restore(&container.id, &name)
             .await
-            .map_err(|e| format!("rollback: restoring the original on {} failed: {e}", node.id))?;
+            .map_err(|e| {
+                format!(
+                    "rollback: restoring the original on {} failed: {e}",
+                    node.id
+                )
+            })?;
     }
     if let Err(e) = node.engine.delete_checkpoint(&container.id, &name).await {
         warn!(job = %job.job_id, error = %e, "rolled back, but the checkpoint could not be deleted");

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use super::protocol::{self, ProtocolError, ToSource, ToTarget};
+use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
 use super::{now_ms, JobHandle, Node};
-use crate::mqtt::contract::{validate_id, JobState, JobStatus, Phase};
+use crate::mqtt::contract::{validate_id, JobState, JobStatus, Phase, Role};
 use crate::runtime::Engine;
 use crate::stream::archive::UnpackLimits;
 use crate::stream::wire;
@@ -38,7 +38,8 @@ impl TargetJob {
     fn close(&mut self) {
         let now = now_ms();
         if let Some(p) = self.status.phase {
-            *self.status.timings_ms.entry(p).or_insert(0) += now.saturating_sub(self.phase_started_ms);
+            *self.status.timings_ms.entry(p).or_insert(0) +=
+                now.saturating_sub(self.phase_started_ms);
         }
         self.phase_started_ms = now;
         self.status.updated_ms = now;
@@ -72,17 +73,7 @@ where
             return;
         }
     };
-    let ToTarget::Prepare {
-        job_id,
-        source_node,
-        target_node,
-        checkpoint,
-        spec,
-        estimate_bytes,
-        arch,
-        page_size,
-    } = prepare
-    else {
+    let ToTarget::Prepare(prepare) = prepare else {
         let _ = protocol::send(
             &mut conn,
             &ToSource::Refused {
@@ -92,6 +83,17 @@ where
         .await;
         return;
     };
+
+    let Prepare {
+        job_id,
+        source_node,
+        target_node,
+        checkpoint,
+        spec,
+        estimate_bytes,
+        arch,
+        page_size,
+    } = *prepare;
 
     // Identity and naming checks come before anything is published.
     let identity = (|| {
@@ -103,7 +105,10 @@ where
             validate_id(kind, v).map_err(|e| e.to_string())?;
         }
         if target_node != node.id {
-            return Err(format!("job is for node {target_node}, this is {}", node.id));
+            return Err(format!(
+                "job is for node {target_node}, this is {}",
+                node.id
+            ));
         }
         if let Some(names) = &peer {
             if !names.iter().any(|n| n == &source_node) {
@@ -113,7 +118,9 @@ where
             }
         }
         if checkpoint != super::checkpoint_name(&job_id) {
-            return Err(format!("checkpoint name {checkpoint:?} does not belong to job {job_id}"));
+            return Err(format!(
+                "checkpoint name {checkpoint:?} does not belong to job {job_id}"
+            ));
         }
         Ok(())
     })();
@@ -124,18 +131,29 @@ where
     }
 
     let handle = JobHandle::new(&spec.name);
-    {
+    let duplicate = {
         let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.contains_key(&job_id) {
-            drop(jobs);
-            let reason = format!("job {job_id} is already running on {}", node.id);
-            let _ = protocol::send(&mut conn, &ToSource::Refused { reason }).await;
-            return;
+        let duplicate = jobs.contains_key(&job_id);
+        if !duplicate {
+            jobs.insert(job_id.clone(), handle);
         }
-        jobs.insert(job_id.clone(), handle);
+        duplicate
+    };
+    if duplicate {
+        let reason = format!("job {job_id} is already running on {}", node.id);
+        let _ = protocol::send(&mut conn, &ToSource::Refused { reason }).await;
+        return;
     }
     let mut job = TargetJob {
-        status: JobStatus::new(&job_id, &node.id, "target", &spec.name, &source_node, &node.id),
+        status: JobStatus::new(
+            &job_id,
+            &node.id,
+            Role::Target,
+            &spec.name,
+            &source_node,
+            &node.id,
+            now_ms(),
+        ),
         phase_started_ms: now_ms(),
     };
     job.status.state = JobState::InProgress;
@@ -143,7 +161,18 @@ where
     node.publish_job(&job.status).await;
 
     let staging = node.work_dir.join("staging").join(&job_id);
-    let result = receive_and_restore(&node, &mut conn, &mut job, &staging, &spec, &checkpoint, estimate_bytes, &arch, page_size).await;
+    let result = receive_and_restore(
+        &node,
+        &mut conn,
+        &mut job,
+        &staging,
+        &spec,
+        &checkpoint,
+        estimate_bytes,
+        &arch,
+        page_size,
+    )
+    .await;
     if let Err(e) = tokio::fs::remove_dir_all(&staging).await {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(job = %job_id, error = %e, "cannot remove staging folder");
@@ -155,7 +184,10 @@ where
     }
     info!(job = %job_id, state = ?job.status.state, error = ?job.status.error, "incoming migration ended");
     node.publish_job(&job.status).await;
-    node.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
+    node.jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&job_id);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -176,14 +208,26 @@ where
 {
     // Precheck: anything missing here is a refusal while the source still runs.
     if let Err(reason) = precheck(node, spec, estimate_bytes, arch, page_size).await {
-        let _ = protocol::send(conn, &ToSource::Refused { reason: reason.clone() }).await;
+        let _ = protocol::send(
+            conn,
+            &ToSource::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
         return Err(reason);
     }
     let id = match node.engine.create(spec).await {
         Ok(id) => id,
         Err(e) => {
             let reason = format!("cannot create container {} on {}: {e}", spec.name, node.id);
-            let _ = protocol::send(conn, &ToSource::Refused { reason: reason.clone() }).await;
+            let _ = protocol::send(
+                conn,
+                &ToSource::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             return Err(reason);
         }
     };
@@ -263,23 +307,52 @@ async fn precheck<E: Engine>(
         return Err(format!("CRIU does not work on {}: {why}", node.id));
     }
     if arch != node.engine_info.arch {
-        return Err(format!("engine arch differs: source runs {arch}, {} runs {}", node.id, node.engine_info.arch));
+        return Err(format!(
+            "engine arch differs: source runs {arch}, {} runs {}",
+            node.id, node.engine_info.arch
+        ));
     }
     if page_size != node.page_size {
-        return Err(format!("kernel page size differs: source has {page_size}, {} has {}", node.id, node.page_size));
+        return Err(format!(
+            "kernel page size differs: source has {page_size}, {} has {}",
+            node.id, node.page_size
+        ));
     }
     match node.engine.image_exists(&spec.image).await {
         Ok(true) => {}
-        Ok(false) => return Err(format!("image {} is not present on {}", spec.image, node.id)),
-        Err(e) => return Err(format!("cannot check image {} on {}: {e}", spec.image, node.id)),
+        Ok(false) => {
+            return Err(format!(
+                "image {} is not present on {}",
+                spec.image, node.id
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot check image {} on {}: {e}",
+                spec.image, node.id
+            ))
+        }
     }
     match node.engine.inspect(&spec.name).await {
-        Ok(_) => return Err(format!("a container named {} already exists on {}", spec.name, node.id)),
+        Ok(_) => {
+            return Err(format!(
+                "a container named {} already exists on {}",
+                spec.name, node.id
+            ))
+        }
         Err(crate::runtime::RuntimeError::NotFound(_)) => {}
-        Err(e) => return Err(format!("cannot check for container {} on {}: {e}", spec.name, node.id)),
+        Err(e) => {
+            return Err(format!(
+                "cannot check for container {} on {}: {e}",
+                spec.name, node.id
+            ))
+        }
     }
     // Staging plus the engine's own copy of the images.
-    for (what, dir) in [("work dir", node.work_dir.clone()), ("engine root", node.engine_info.root_dir.clone())] {
+    for (what, dir) in [
+        ("work dir", node.work_dir.clone()),
+        ("engine root", node.engine_info.root_dir.clone()),
+    ] {
         let free = crate::sysinfo::free_disk(&dir).unwrap_or(u64::MAX);
         if free < estimate_bytes {
             return Err(format!(
@@ -294,7 +367,12 @@ async fn precheck<E: Engine>(
 
 /// Places the verified images where the engine expects them and starts the
 /// container from them.
-async fn restore<E: Engine>(node: &Node<E>, id: &str, checkpoint: &str, staging: &Path) -> Result<(), String> {
+async fn restore<E: Engine>(
+    node: &Node<E>,
+    id: &str,
+    checkpoint: &str,
+    staging: &Path,
+) -> Result<(), String> {
     let dest: PathBuf = node
         .engine
         .checkpoint_dir(id, checkpoint)
@@ -308,9 +386,16 @@ async fn restore<E: Engine>(node: &Node<E>, id: &str, checkpoint: &str, staging:
         .await
         .map_err(|e| format!("restore on {}: {e}", node.id))?;
     tokio::time::sleep(SETTLE).await;
-    let c = node.engine.inspect(id).await.map_err(|e| format!("restore: {e}"))?;
+    let c = node
+        .engine
+        .inspect(id)
+        .await
+        .map_err(|e| format!("restore: {e}"))?;
     if !c.running {
-        return Err(format!("restored container {} exited right away on {}", c.name, node.id));
+        return Err(format!(
+            "restored container {} exited right away on {}",
+            c.name, node.id
+        ));
     }
     Ok(())
 }

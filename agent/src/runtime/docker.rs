@@ -29,11 +29,12 @@ impl Docker {
             socket: path.to_string(),
             source,
         };
-        let api = bollard::Docker::connect_with_unix(path, TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(connect_err)?
-            .negotiate_version()
-            .await
-            .map_err(connect_err)?;
+        let api =
+            bollard::Docker::connect_with_unix(path, TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                .map_err(connect_err)?
+                .negotiate_version()
+                .await
+                .map_err(connect_err)?;
         Ok(Self {
             api,
             socket: PathBuf::from(path),
@@ -84,11 +85,18 @@ fn engine_message(body: &str) -> String {
             let end = body.rfind('}')?;
             serde_json::from_str::<serde_json::Value>(&body[start..=end]).ok()
         })
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| body.trim().chars().take(300).collect())
 }
 
-fn engine_err(call: &'static str, subject: &str) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
+fn engine_err(
+    call: &'static str,
+    subject: &str,
+) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
     let subject = subject.to_string();
     move |e| match e {
         bollard::errors::Error::DockerResponseServerError {
@@ -109,12 +117,19 @@ fn engine_err(call: &'static str, subject: &str) -> impl FnOnce(bollard::errors:
 
 impl Engine for Docker {
     async fn info(&self) -> Result<EngineInfo, RuntimeError> {
-        let info = self.api.info().await.map_err(engine_err("info", "engine"))?;
+        let info = self
+            .api
+            .info()
+            .await
+            .map_err(engine_err("info", "engine"))?;
         Ok(EngineInfo {
             arch: info.architecture.unwrap_or_default(),
             kernel: info.kernel_version.unwrap_or_default(),
             version: info.server_version.unwrap_or_default(),
-            root_dir: PathBuf::from(info.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".into())),
+            root_dir: PathBuf::from(
+                info.docker_root_dir
+                    .unwrap_or_else(|| "/var/lib/docker".into()),
+            ),
             experimental: info.experimental_build.unwrap_or(false),
         })
     }
@@ -126,7 +141,12 @@ impl Engine for Docker {
             .await
             .map_err(engine_err("inspect", name))?;
         let id = c.id.clone().unwrap_or_default();
-        let cname = c.name.clone().unwrap_or_default().trim_start_matches('/').to_string();
+        let cname = c
+            .name
+            .clone()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string();
         let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
         let config = c.config.unwrap_or_default();
         let image = config.image.clone().unwrap_or_default();
@@ -213,7 +233,11 @@ impl Engine for Docker {
 
     async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
         let root = self.info().await?.root_dir;
-        Ok(root.join("containers").join(id).join("checkpoints").join(checkpoint))
+        Ok(root
+            .join("containers")
+            .join(id)
+            .join("checkpoints")
+            .join(checkpoint))
     }
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
@@ -248,9 +272,14 @@ mod tests {
 
     #[test]
     fn engine_message_reads_json_and_chunked_bodies() {
-        assert_eq!(engine_message(r#"{"message":"no such container"}"#), "no such container");
         assert_eq!(
-            engine_message("2a\r\n{\"message\":\"custom checkpointdir is not supported\"}\r\n0\r\n"),
+            engine_message(r#"{"message":"no such container"}"#),
+            "no such container"
+        );
+        assert_eq!(
+            engine_message(
+                "2a\r\n{\"message\":\"custom checkpointdir is not supported\"}\r\n0\r\n"
+            ),
             "custom checkpointdir is not supported"
         );
         assert_eq!(engine_message("plain text"), "plain text");

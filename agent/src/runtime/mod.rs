@@ -73,7 +73,10 @@ pub trait Engine: Send + Sync {
     fn memory_usage(&self, id: &str) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
     /// Creates (does not start) a container from a spec taken on another node.
-    fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn create(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// Checkpoints a running container and stops it; returns the image folder.
     fn checkpoint(
         &self,
@@ -87,7 +90,11 @@ pub trait Engine: Send + Sync {
         checkpoint: &str,
     ) -> impl Future<Output = Result<PathBuf, RuntimeError>> + Send;
     /// Starts a container from the checkpoint images in its checkpoint folder.
-    fn restore(&self, id: &str, checkpoint: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn delete_checkpoint(
         &self,

@@ -554,10 +554,14 @@ impl Connection {
         }
         let eventloop = &mut self.eventloop;
         let tx = &self.tx;
+        // After our DISCONNECT, read on until the broker closes: dropping a
+        // socket with unread input sends a RST, and the broker's kernel may
+        // then discard the will and DISCONNECT before mosquitto reads them.
+        let mut sent = false;
         let drain = async {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return true,
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let ev = Inbound::Message {
                             topic: p.topic,
@@ -569,17 +573,22 @@ impl Connection {
                         }
                     }
                     Ok(_) => {}
+                    Err(e) if sent => {
+                        debug!(error = %e, "the broker closed the connection");
+                        return;
+                    }
                     Err(e) => {
                         warn!(error = %e, "connection lost during the goodbye");
-                        return false;
+                        return;
                     }
                 }
             }
         };
-        match tokio::time::timeout(GOODBYE_DEADLINE, drain).await {
-            Ok(true) => info!("disconnected from the broker"),
-            Ok(false) => {}
-            Err(_) => warn!("clean disconnect timed out"),
+        let finished = tokio::time::timeout(GOODBYE_DEADLINE, drain).await.is_ok();
+        match (sent, finished) {
+            (true, _) => info!("disconnected from the broker"),
+            (false, true) => {}
+            (false, false) => warn!("clean disconnect timed out"),
         }
     }
 }
@@ -833,5 +842,190 @@ mod tests {
         b.on_connected(t);
         assert_eq!(b.on_error(t + STABLE_AFTER), BACKOFF_MIN);
         assert_eq!(b.on_error(t + STABLE_AFTER), BACKOFF_MIN * 2);
+    }
+
+    /// The broker side of one connection, scripted by the test with
+    /// rumqttc's own codec. Not a stand-in for mosquitto: it checks what
+    /// our task sends, packet by packet, where a real broker would hide it.
+    struct ScriptedBroker {
+        stream: tokio::net::TcpStream,
+        buf: bytes::BytesMut,
+    }
+
+    const STEP: Duration = Duration::from_secs(5);
+
+    impl ScriptedBroker {
+        async fn accept(listener: &tokio::net::TcpListener) -> Self {
+            let (stream, _) = tokio::time::timeout(STEP, listener.accept())
+                .await
+                .expect("the client did not connect")
+                .unwrap();
+            ScriptedBroker {
+                stream,
+                buf: bytes::BytesMut::new(),
+            }
+        }
+
+        async fn read(&mut self) -> Packet {
+            use tokio::io::AsyncReadExt;
+            loop {
+                match Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(p) => return p,
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("undecodable packet from the client: {e}"),
+                }
+                let n = tokio::time::timeout(STEP, self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("the client sent nothing")
+                    .unwrap();
+                assert!(n > 0, "the client closed the connection");
+            }
+        }
+
+        async fn write(&mut self, p: Packet) {
+            use tokio::io::AsyncWriteExt;
+            let mut b = bytes::BytesMut::new();
+            p.write(&mut b, 1 << 20).unwrap();
+            self.stream.write_all(&b).await.unwrap();
+        }
+
+        async fn connack(&mut self, session_present: bool) -> rumqttc::Connect {
+            let Packet::Connect(c) = self.read().await else {
+                panic!("expected CONNECT")
+            };
+            self.write(Packet::ConnAck(rumqttc::ConnAck::new(
+                rumqttc::ConnectReturnCode::Success,
+                session_present,
+            )))
+            .await;
+            c
+        }
+
+        async fn expect_subscribe(&mut self, filters: &[&str]) {
+            let Packet::Subscribe(sub) = self.read().await else {
+                panic!("expected SUBSCRIBE first after CONNACK")
+            };
+            let got: Vec<(&str, QoS)> = sub
+                .filters
+                .iter()
+                .map(|f| (f.path.as_str(), f.qos))
+                .collect();
+            let want: Vec<(&str, QoS)> = filters.iter().map(|f| (*f, QoS::AtLeastOnce)).collect();
+            assert_eq!(got, want);
+            let codes = vec![SubscribeReasonCode::Success(QoS::AtLeastOnce); filters.len()];
+            self.write(Packet::SubAck(SubAck::new(sub.pkid, codes)))
+                .await;
+        }
+
+        async fn expect_publish(&mut self, topic: &str, payload: &[u8], retain: bool) -> u16 {
+            match self.read().await {
+                Packet::Publish(p) => {
+                    assert_eq!(
+                        (p.topic.as_str(), &p.payload[..], p.retain, p.qos),
+                        (topic, payload, retain, QoS::AtLeastOnce)
+                    );
+                    p.pkid
+                }
+                other => panic!("expected PUBLISH to {topic}, got {other:?}"),
+            }
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Inbound>) -> Inbound {
+        tokio::time::timeout(STEP, rx.recv())
+            .await
+            .expect("no inbound event")
+            .expect("inbound channel closed")
+    }
+
+    #[tokio::test]
+    async fn resubscribes_resends_unacked_and_says_goodbye() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let will = br#"{"online":false}"#.to_vec();
+        let mut s = ClientSettings::new(url(&format!("mqtt://127.0.0.1:{port}")), "node-a");
+        s.keep_alive = Duration::from_secs(60);
+        s.subscriptions = vec!["t/node-a/jobs/+".into()];
+        s.last_will = Some(("t/node-a/status".into(), will.clone(), true));
+        let shutdown = CancellationToken::new();
+        let (handle, mut rx, task) = spawn(s, shutdown.clone()).unwrap();
+
+        // First connection: persistent session, will set, subscribed.
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        let connect = broker.connack(false).await;
+        assert_eq!(connect.client_id, "node-a");
+        assert!(!connect.clean_session);
+        let w = connect.last_will.expect("no last will");
+        assert_eq!(
+            (w.topic.as_str(), &w.message[..], w.retain),
+            ("t/node-a/status", &will[..], true)
+        );
+        assert_eq!(
+            next(&mut rx).await,
+            Inbound::Connected {
+                session_present: false
+            }
+        );
+        broker.expect_subscribe(&["t/node-a/jobs/+"]).await;
+
+        // A job comes in, is forwarded and acknowledged.
+        let mut job = rumqttc::Publish::new("t/node-a/jobs/j1", QoS::AtLeastOnce, b"{}".to_vec());
+        job.pkid = 7;
+        broker.write(Packet::Publish(job)).await;
+        assert_eq!(
+            next(&mut rx).await,
+            Inbound::Message {
+                topic: "t/node-a/jobs/j1".into(),
+                payload: b"{}".to_vec(),
+                retain: false
+            }
+        );
+        assert_eq!(broker.read().await, Packet::PubAck(rumqttc::PubAck::new(7)));
+
+        // A status goes out; the broker dies before acknowledging it.
+        handle
+            .publish_raw("t/node-a/jobs/j1/status", b"s1".to_vec(), true)
+            .await
+            .unwrap();
+        broker
+            .expect_publish("t/node-a/jobs/j1/status", b"s1", true)
+            .await;
+        drop(broker);
+        match next(&mut rx).await {
+            Inbound::Disconnected { retry_in, .. } => assert_eq!(retry_in, BACKOFF_MIN),
+            other => panic!("expected Disconnected, got {other:?}"),
+        }
+
+        // The broker came back without our session: subscribe again, and
+        // the unacknowledged status is sent again rather than dropped.
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(false).await;
+        assert_eq!(
+            next(&mut rx).await,
+            Inbound::Connected {
+                session_present: false
+            }
+        );
+        broker.expect_subscribe(&["t/node-a/jobs/+"]).await;
+        let pkid = broker
+            .expect_publish("t/node-a/jobs/j1/status", b"s1", true)
+            .await;
+        broker
+            .write(Packet::PubAck(rumqttc::PubAck::new(pkid)))
+            .await;
+
+        // Shutdown: the will, published by us (a clean DISCONNECT discards
+        // the broker's copy), then DISCONNECT.
+        shutdown.cancel();
+        broker.expect_publish("t/node-a/status", &will, true).await;
+        assert_eq!(broker.read().await, Packet::Disconnect);
+        drop(broker);
+        tokio::time::timeout(STEP, task).await.unwrap().unwrap();
+        assert!(rx.recv().await.is_none());
+        let err = handle
+            .publish_raw("t/x", b"x".to_vec(), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MqttError::Closed { .. }), "{err}");
     }
 }

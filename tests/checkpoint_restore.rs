@@ -4,7 +4,7 @@
 //!
 //! Needs the bed: `tests/bed/bed up 2`, or `tests/run` for everything.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_tests::{
     check_counter_resumed, copy_dir, parse_counter, parse_memhog, unique_name, wait_for, Bed,
@@ -18,7 +18,9 @@ const CHECKPOINT: &str = "ferry-cp";
 /// the restored container; `src` is stopped with its log complete.
 fn migrate(src: &Container, target: &Node, image: &str, args: &[&str]) -> Container {
     let node = &src.node;
+    let t0 = Instant::now();
     node.checkpoint(&src.id, CHECKPOINT);
+    let checkpointed = t0.elapsed();
     // The log is complete once Docker has seen the process go: it drains
     // the container's output before marking it stopped.
     wait_for(
@@ -45,7 +47,16 @@ fn migrate(src: &Container, target: &Node, image: &str, args: &[&str]) -> Contai
             to.display()
         )
     });
+    let t1 = Instant::now();
     target.start_from_checkpoint(&dst.id, CHECKPOINT);
+    eprintln!(
+        "{}: checkpoint on {} took {:.2} s, restore on {} {:.2} s",
+        src.name,
+        node.name,
+        checkpointed.as_secs_f64(),
+        target.name,
+        t1.elapsed().as_secs_f64()
+    );
     dst
 }
 
@@ -151,4 +162,8 @@ fn memhog_keeps_its_memory_on_another_node() {
             b.name, a.name
         );
     }
+    eprintln!(
+        "{} ticked to {last_tick} with checksum {checksum}, {} went on with {:?}",
+        a.name, b.name, after.ticks
+    );
 }

@@ -138,12 +138,14 @@ impl AgentSettings {
                 a.parse()
                     .map_err(|e| invalid("advertise", format!("expected ADDR:PORT: {e}")))?,
             ),
-            None if listen.ip().is_unspecified() => return Err(invalid(
-                "advertise",
-                format!(
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "advertise",
+                    format!(
                     "listen address {listen} is a wildcard; say which address peers should dial"
                 ),
-            )),
+                ))
+            }
             // The bound address, once bound (port 0 picks a free port).
             None => None,
         };

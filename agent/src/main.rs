@@ -61,9 +61,11 @@ enum Command {
     },
 }
 
-fn init_tracing(json: bool) {
+/// The agent logs its work at `info`; the manager's commands print their
+/// own output and only log problems.
+fn init_tracing(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -133,7 +135,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    let level = if matches!(cli.command, Command::Agent { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_tracing(cli.log_json, level);
     // Two worker threads are plenty on a Pi; the heavy work (zstd, tar) runs
     // on the blocking pool.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

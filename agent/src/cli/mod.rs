@@ -365,12 +365,12 @@ pub async fn nodes(broker: BrokerArgs) -> Result<BTreeMap<String, NodeStatus>, C
         }
     }
     println!(
-        "{:<16} {:<7} {:<8} {:>5} {:<8} {:<9} {:<22} {:>10} {:>10} {:>4}",
+        "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>10} {:>10} {:>4}",
         "NODE", "ONLINE", "ARCH", "PAGE", "CRIU", "DOCKER", "DATA", "FREE MEM", "FREE DISK", "JOBS"
     );
     for (name, s) in &nodes {
         println!(
-            "{:<16} {:<7} {:<8} {:>5} {:<8} {:<9} {:<22} {:>10} {:>10} {:>4}",
+            "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>10} {:>10} {:>4}",
             name,
             if s.online { "yes" } else { "no" },
             s.arch,

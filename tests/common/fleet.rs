@@ -126,22 +126,31 @@ impl Fleet {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log file"));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let mut agent = Agent {
             node: node.name.clone(),
             child,
             log,
         };
         let topic = format!("{}/{}/status", self.root, node.name);
-        wait_for(&format!("agent {} online", node.name), ONLINE_TIMEOUT, || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                return Ok(Err(format!("agent exited with {status}: {}", agent.log_text())));
-            }
-            match self.retained(&topic) {
-                Some(v) if v["online"] == true => Ok(Ok(())),
-                other => Err(format!("status {other:?}")),
-            }
-        })
+        wait_for(
+            &format!("agent {} online", node.name),
+            ONLINE_TIMEOUT,
+            || {
+                if let Ok(Some(status)) = agent.child.try_wait() {
+                    return Ok(Err(format!(
+                        "agent exited with {status}: {}",
+                        agent.log_text()
+                    )));
+                }
+                match self.retained(&topic) {
+                    Some(v) if v["online"] == true => Ok(Ok(())),
+                    other => Err(format!("status {other:?}")),
+                }
+            },
+        )
         .unwrap_or_else(|e: String| panic!("{e}"));
         agent
     }
@@ -155,8 +164,15 @@ impl Fleet {
     /// The retained message on `topic`, if any, as JSON.
     pub fn retained(&self, topic: &str) -> Option<serde_json::Value> {
         let out = run_with_timeout(
-            self.mosquitto("mosquitto_sub")
-                .args(["-t", topic, "-C", "1", "-W", "1", "--retained-only"]),
+            self.mosquitto("mosquitto_sub").args([
+                "-t",
+                topic,
+                "-C",
+                "1",
+                "-W",
+                "1",
+                "--retained-only",
+            ]),
             Duration::from_secs(5),
         )
         .ok()?;
@@ -172,7 +188,11 @@ impl Fleet {
             cmd.arg("-r");
         }
         let out = run_with_timeout(&mut cmd, Duration::from_secs(10)).expect("run mosquitto_pub");
-        assert!(out.status.success(), "mosquitto_pub {topic}: {}", out.stderr);
+        assert!(
+            out.status.success(),
+            "mosquitto_pub {topic}: {}",
+            out.stderr
+        );
     }
 
     /// Starts recording every message under `filter` (before publishing a job,
@@ -192,14 +212,20 @@ impl Fleet {
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some((topic, payload)) = line.split_once(' ') {
-                    sink.lock().unwrap().push((topic.to_string(), payload.to_string()));
+                    sink.lock()
+                        .unwrap()
+                        .push((topic.to_string(), payload.to_string()));
                 }
             }
         });
         let rec = Recorder { child, lines };
         // mosquitto_sub has subscribed once a retained probe comes back; a
         // short settle is the only signal it gives, so check with a probe.
-        let probe = format!("{}/probe/{}", filter.trim_end_matches("/#").trim_end_matches("/+"), unique_name("p"));
+        let probe = format!(
+            "{}/probe/{}",
+            filter.trim_end_matches("/#").trim_end_matches("/+"),
+            unique_name("p")
+        );
         if filter.ends_with('#') {
             wait_for("mosquitto_sub subscribed", Duration::from_secs(10), || {
                 self.publish(&probe, "{}", false);
@@ -217,14 +243,20 @@ impl Fleet {
 
     /// Publishes a job to `node` and returns its id.
     pub fn send_job(&self, node: &str, job_id: &str, job: &serde_json::Value) {
-        self.publish(&format!("{}/{node}/jobs/{job_id}", self.root), &job.to_string(), false);
+        self.publish(
+            &format!("{}/{node}/jobs/{job_id}", self.root),
+            &job.to_string(),
+            false,
+        );
     }
 
     /// Waits for the job's final retained status on `node`.
     pub fn final_status(&self, node: &str, job_id: &str, timeout: Duration) -> serde_json::Value {
         let topic = format!("{}/{node}/jobs/{job_id}/status", self.root);
-        wait_for(&format!("final state of {job_id} on {node}"), timeout, || {
-            match self.retained(&topic) {
+        wait_for(
+            &format!("final state of {job_id} on {node}"),
+            timeout,
+            || match self.retained(&topic) {
                 Some(s)
                     if ["succeeded", "failed", "rolled_back", "canceled"]
                         .contains(&s["state"].as_str().unwrap_or("")) =>
@@ -232,16 +264,19 @@ impl Fleet {
                     Ok(s)
                 }
                 other => Err(format!("status {other:?}")),
-            }
-        })
+            },
+        )
     }
 
     /// Runs `ferry ARGS` against this fleet's broker and topic root.
     pub fn ferry(&self, args: &[&str], timeout: Duration) -> crate::CmdOutput {
         run_with_timeout(
-            Command::new(ferry_bin())
-                .args(args)
-                .args(["--mqtt", &self.bed.mqtt, "--topic-root", &self.root]),
+            Command::new(ferry_bin()).args(args).args([
+                "--mqtt",
+                &self.bed.mqtt,
+                "--topic-root",
+                &self.root,
+            ]),
             timeout,
         )
         .expect("run ferry")
@@ -313,7 +348,9 @@ impl Agent {
         if let Ok(Some(status)) = self.child.try_wait() {
             return status.code();
         }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let start = Instant::now();
         while start.elapsed() < STOP_TIMEOUT {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -361,11 +398,16 @@ impl LastLogs {
             }
             last
         });
-        LastLogs { handle: Some(handle) }
+        LastLogs {
+            handle: Some(handle),
+        }
     }
 
     /// Waits until the container is gone and returns its last logs.
     pub fn finish(mut self) -> String {
-        self.handle.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        self.handle
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 }

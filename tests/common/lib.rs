@@ -9,6 +9,8 @@
 //! Everything here talks to the real daemons through Debian's docker client;
 //! nothing is faked.
 
+pub mod fleet;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;

@@ -229,6 +229,42 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
     );
 }
 
+#[test]
+fn oversized_jobs_stop_at_the_broker_or_the_agent() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a1 = fleet.start_agent(1);
+    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    // Over max_packet_size (256 KiB): the broker drops the publisher.
+    let big = fleet.dir.join("big.json");
+    let filler = "a".repeat(300 * 1024);
+    let job = json!({"action": "cancel", "job": filler}).to_string();
+    std::fs::write(&big, &job).unwrap();
+    let id = unique_name("big");
+    let out = fleet.publish_file_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{id}"), &big);
+    assert!(!out.status.success(), "a {} byte publish went through", job.len());
+    // Under it, but over the agent's 16 KiB job limit: rejected with the size.
+    let medium = fleet.dir.join("medium.json");
+    std::fs::write(&medium, job.replace(&filler, &"a".repeat(100 * 1024))).unwrap();
+    let id2 = unique_name("medium");
+    let out = fleet.publish_file_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{id2}"), &medium);
+    assert!(out.status.success(), "{}", out.stderr);
+    let rejected = everything.wait_topic(&format!("/jobs/{id2}/rejected"), REPLY_TIMEOUT);
+    let reason = rejected["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("payload too large"), "{rejected}");
+    std::thread::sleep(SILENCE);
+    assert!(
+        !everything.messages().iter().any(|(t, _)| t.contains(&id)),
+        "the oversized job reached a subscriber"
+    );
+    assert!(
+        fleet.broker_log_text().contains("oversize packet"),
+        "broker log does not show the oversized publish"
+    );
+    assert!(a1.is_running());
+    assert_eq!(status_of(&fleet, "node1")["online"], true);
+    println!("300 KiB job: dropped by the broker; 100 KiB job: rejected by node1: {reason}");
+}
+
 /// Connects to `addr` as `config`, sends `prepare` and returns the answer,
 /// or the error that ended the connection.
 async fn knock(

@@ -206,6 +206,14 @@ impl SecureFleet {
         run_with_timeout(&mut cmd, Duration::from_secs(10)).expect("run mosquitto_pub")
     }
 
+    /// `mosquitto_pub -q 1 -f FILE` as `who`: for payloads too large for
+    /// a command line.
+    pub fn publish_file_as(&self, who: Who, topic: &str, file: &Path) -> CmdOutput {
+        let mut cmd = self.client("mosquitto_pub", who);
+        cmd.args(["-q", "1", "-t", topic, "-f"]).arg(file);
+        run_with_timeout(&mut cmd, Duration::from_secs(10)).expect("run mosquitto_pub")
+    }
+
     /// Publishes as the fleet manager, which must succeed.
     pub fn publish(&self, topic: &str, payload: &str, retain: bool) {
         let out = self.publish_as(Who::Fleet("manager"), topic, payload, retain);

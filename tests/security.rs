@@ -240,13 +240,25 @@ fn oversized_jobs_stop_at_the_broker_or_the_agent() {
     let job = json!({"action": "cancel", "job": filler}).to_string();
     std::fs::write(&big, &job).unwrap();
     let id = unique_name("big");
-    let out = fleet.publish_file_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{id}"), &big);
-    assert!(!out.status.success(), "a {} byte publish went through", job.len());
+    let out = fleet.publish_file_as(
+        Who::Fleet("manager"),
+        &format!("{ROOT}/node1/jobs/{id}"),
+        &big,
+    );
+    assert!(
+        !out.status.success(),
+        "a {} byte publish went through",
+        job.len()
+    );
     // Under it, but over the agent's 16 KiB job limit: rejected with the size.
     let medium = fleet.dir.join("medium.json");
     std::fs::write(&medium, job.replace(&filler, &"a".repeat(100 * 1024))).unwrap();
     let id2 = unique_name("medium");
-    let out = fleet.publish_file_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{id2}"), &medium);
+    let out = fleet.publish_file_as(
+        Who::Fleet("manager"),
+        &format!("{ROOT}/node1/jobs/{id2}"),
+        &medium,
+    );
     assert!(out.status.success(), "{}", out.stderr);
     let rejected = everything.wait_topic(&format!("/jobs/{id2}/rejected"), REPLY_TIMEOUT);
     let reason = rejected["reason"].as_str().unwrap_or("");
@@ -755,4 +767,35 @@ fn counter_migrates_with_everything_on_tls() {
         before.last().unwrap(),
         status["timings_ms"]
     );
+}
+
+#[test]
+fn an_agent_refuses_to_start_with_another_nodes_certificate() {
+    let fleet = SecureFleet::new(Bed::require());
+    let n1 = fleet.node(1);
+    let theirs = fleet.tls_files("node2");
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .arg("agent")
+            .args(["--node-id", "node1", "--mqtt", &fleet.mqtt_url()])
+            .args(["--docker", &n1.docker_host])
+            .args(["--listen", &format!("{}:0", n1.addr)])
+            .arg("--work-dir")
+            .arg(fleet.dir.join("wrong-cert-work"))
+            .arg("--tls-ca")
+            .arg(&theirs.ca)
+            .arg("--tls-cert")
+            .arg(&theirs.cert)
+            .arg("--tls-key")
+            .arg(&theirs.key),
+        Duration::from_secs(60),
+    )
+    .expect("run ferry agent");
+    let stderr = strip_ansi(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {stderr}");
+    assert!(
+        stderr.contains("node2.pem") && stderr.contains("not this node's id \"node1\""),
+        "{stderr}"
+    );
+    println!("node1 with node2's certificate: {}", stderr.trim());
 }

@@ -799,3 +799,89 @@ fn an_agent_refuses_to_start_with_another_nodes_certificate() {
     );
     println!("node1 with node2's certificate: {}", stderr.trim());
 }
+
+#[test]
+fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
+    use std::io::Read;
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let addr = data_addr(&fleet, "node2");
+    let open = |n: usize| -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect to the data port"))
+            .collect()
+    };
+    // Closed by the agent: read returns 0 (or a reset) within `within`.
+    let closed_within = |s: &mut std::net::TcpStream, within: Duration| {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+
+    // A flood of connections that never start TLS: beyond the pending
+    // handshake cap they are closed at once, the rest after the timeout.
+    let started = std::time::Instant::now();
+    let mut flood = open(40);
+    let extra: Vec<bool> = flood[32..]
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_secs(2)))
+        .collect();
+    assert!(
+        extra.iter().all(|c| *c),
+        "connections over the cap were kept: {extra:?}"
+    );
+    assert!(
+        closed_within(&mut flood[0], Duration::from_secs(20)),
+        "a silent connection was kept open"
+    );
+    let held = started.elapsed();
+    assert!(held < Duration::from_secs(15), "held for {held:?}");
+    drop(flood);
+
+    // Once they are gone, a real peer gets in again.
+    let target = status_of(&fleet, "node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let answer = runtime().block_on(knock(
+        config,
+        addr,
+        prepare(
+            &target,
+            &unique_name("after"),
+            "node3",
+            "node2",
+            "never-created",
+        ),
+    ));
+    assert!(
+        matches!(&answer, Ok(ToSource::Refused { reason }) if reason.contains("node3")),
+        "after the flood: {answer:?}"
+    );
+
+    // A silent connection open during SIGTERM does not hold up the drain.
+    let _silent = open(1);
+    std::thread::sleep(Duration::from_millis(200));
+    let stop = std::time::Instant::now();
+    let code = a2.terminate();
+    let took = stop.elapsed();
+    assert_eq!(code, Some(0), "agent exit: {}", a2.log_text());
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    let log = a2.log_text();
+    println!(
+        "40 silent connections: 8 over the cap closed at once, the rest after {:.1} s; shutdown with one open took {:.1} s; log: {:?}",
+        held.as_secs_f64(),
+        took.as_secs_f64(),
+        log.lines()
+            .filter(|l| l.contains("handshake"))
+            .map(strip_ansi)
+            .take(2)
+            .collect::<Vec<_>>()
+    );
+}

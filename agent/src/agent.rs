@@ -429,6 +429,9 @@ async fn serve_data_port<E: Engine + 'static>(
     tasks: TaskTracker,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        crate::stream::tls::MAX_PENDING_HANDSHAKES,
+    ));
     loop {
         let (tcp, addr) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -442,31 +445,35 @@ async fn serve_data_port<E: Engine + 'static>(
             },
         };
         tcp.set_nodelay(true).ok();
+        // Anonymous until the handshake ends: only so many at once.
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            warn!(%addr, "too many data connections in their TLS handshake; closed");
+            continue;
+        };
         let node = node.clone();
         let acceptor = acceptor.clone();
+        let stop = stop.clone();
         tasks.spawn(async move {
-            match acceptor {
-                None => target::serve(node, tcp, None).await,
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(tls) => {
-                        let names = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .map(crate::stream::tls::cert_names)
-                            .transpose();
-                        match names {
-                            Ok(Some(names)) => {
-                                let span = tracing::info_span!("incoming", peer = ?names);
-                                target::serve(node, tls, Some(names)).instrument(span).await
-                            }
-                            Ok(None) => warn!(%addr, "data peer presented no certificate"),
-                            Err(e) => warn!(%addr, error = %e, "unreadable peer certificate"),
-                        }
-                    }
-                    Err(e) => warn!(%addr, error = %e, "data port TLS handshake failed"),
-                },
+            let Some(acceptor) = acceptor else {
+                drop(permit);
+                return target::serve(node, tcp, None).await;
+            };
+            let accepted = tokio::select! {
+                r = crate::stream::tls::accept_peer(
+                    &acceptor,
+                    tcp,
+                    crate::stream::tls::HANDSHAKE_TIMEOUT,
+                ) => r,
+                // Draining: a peer still anonymous gets nothing more.
+                _ = stop.cancelled() => return,
+            };
+            drop(permit);
+            match accepted {
+                Ok((tls, names)) => {
+                    let span = tracing::info_span!("incoming", peer = ?names);
+                    target::serve(node, tls, Some(names)).instrument(span).await
+                }
+                Err(e) => warn!(%addr, error = %e, "data port TLS handshake failed"),
             }
         });
     }

@@ -484,6 +484,11 @@ impl SecureAgent {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// SIGTERM (the designed drain), then the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        stop_child(&mut self.child, &format!("agent {}", self.node))
+    }
 }
 
 impl Drop for SecureAgent {

@@ -18,8 +18,8 @@ pub(crate) mod testutil;
 pub use archive::{pack_dir, unpack_into, UnpackLimits, UnpackStats};
 pub use ratelimit::{parse_rate, TokenBucket};
 pub use tls::{
-    cert_matches_node, cert_names, check_identity, client_config, peer_node_id, server_config,
-    server_name, TlsFiles,
+    accept_peer, cert_matches_node, cert_names, check_identity, client_config, peer_node_id,
+    server_config, server_name, TlsFiles,
 };
 pub use wire::{
     read_header, receive_checkpoint, send_checkpoint, IncomingTransfer, Progress, ReceiveReport,
@@ -66,6 +66,8 @@ pub enum StreamError {
     TlsConfig(String),
     #[error("peer certificate: {0}")]
     PeerCert(String),
+    #[error("tls handshake: {0}")]
+    Handshake(String),
     #[error("background {what} task failed: {reason}")]
     Task { what: &'static str, reason: String },
 }

@@ -13,12 +13,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use x509_parser::extensions::GeneralName;
 
 use super::StreamError;
@@ -32,6 +35,45 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This node's private key (PKCS#8, PKCS#1 or SEC1 PEM).
     pub key: PathBuf,
+}
+
+/// Longest a peer may take over its TLS handshake on the data port. Before
+/// it ends the peer is anonymous: it must not hold a connection, nor the
+/// agent's drain, for longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data-port handshakes in progress at once; the agent closes further
+/// connections at once, so a flood of silent peers costs it a bounded number
+/// of sockets (each for at most [`HANDSHAKE_TIMEOUT`]).
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+
+/// The server side of a data-port connection: the TLS handshake (client
+/// certificate required by `acceptor`'s config) within `timeout` (the
+/// agent gives [`HANDSHAKE_TIMEOUT`]), then the names of the peer's
+/// certificate.
+pub async fn accept_peer<S>(
+    acceptor: &TlsAcceptor,
+    conn: S,
+    timeout: Duration,
+) -> Result<(TlsStream<S>, Vec<String>), StreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls = tokio::time::timeout(timeout, acceptor.accept(conn))
+        .await
+        .map_err(|_| StreamError::Timeout {
+            what: "waiting for the TLS handshake".into(),
+            secs: timeout.as_secs(),
+        })?
+        .map_err(|e| StreamError::Handshake(e.to_string()))?;
+    let names = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(leaf) => cert_names(leaf)?,
+        None => {
+            return Err(StreamError::PeerCert(
+                "the peer presented no certificate".into(),
+            ))
+        }
+    };
+    Ok((tls, names))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -347,6 +389,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no certificate"));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_in_the_handshake() {
+        let dir = fleet("tls-silent");
+        let acceptor = TlsAcceptor::from(server_config(&files(&dir, "node-a")).unwrap());
+        let (_client, server) = tokio::io::duplex(1024);
+        let err = accept_peer(&acceptor, server, Duration::from_millis(100))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("waiting for the TLS handshake"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn accept_peer_names_the_client() {
+        let dir = fleet("tls-accept");
+        let acceptor = TlsAcceptor::from(server_config(&files(&dir, "node-a")).unwrap());
+        let client = client_config(&files(&dir, "node-b")).unwrap();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+        let (accepted, connected) =
+            tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+        connected.unwrap();
+        assert_eq!(accepted.unwrap().1, vec!["node-b".to_string()]);
     }
 
     #[test]

@@ -26,6 +26,9 @@ use crate::stream::ratelimit::parse_rate;
 /// memory and disk stay current for the fleet manager; otherwise idle.
 const STATUS_REFRESH: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// After the drain deadline cancels running jobs, how long their rollback
+/// may take before the agent exits anyway.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -213,19 +216,44 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
 
-    // Drain: refuse new work, let running jobs end, then say we are gone.
+    // Drain: refuse new work, let running jobs end (or cancel them at the
+    // deadline, which rolls them back), then say we are gone. The broker
+    // connection keeps being served so statuses still go out and new jobs
+    // get a clear rejection.
     info!(running = node.job_count(), "draining");
     accept_stop.cancel();
     tasks.close();
-    if tokio::time::timeout(config.drain_timeout, tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain deadline passed; canceling running jobs");
-        for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            handle.try_cancel();
+    let soft = tokio::time::sleep(config.drain_timeout);
+    let hard = tokio::time::sleep(config.drain_timeout + ROLLBACK_GRACE);
+    tokio::pin!(soft, hard);
+    let mut canceled = false;
+    loop {
+        tokio::select! {
+            _ = tasks.wait() => break,
+            _ = &mut soft, if !canceled => {
+                warn!("drain deadline passed; canceling running jobs");
+                for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                    handle.try_cancel();
+                }
+                canceled = true;
+            }
+            _ = &mut hard => {
+                error!(running = node.job_count(), "jobs did not end after cancel; exiting anyway");
+                break;
+            }
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Message { topic, .. }) => {
+                    if let Some(TopicKind::Job { node: to, job_id }) = topics.parse(&topic) {
+                        if to == node.id {
+                            let reason = format!("node {} is shutting down", node.id);
+                            reply(&node, &job_id, Err(reason)).await;
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            },
         }
-        let _ = tokio::time::timeout(Duration::from_secs(20), tasks.wait()).await;
     }
     publish_status(false).await;
     mqtt_stop.cancel();

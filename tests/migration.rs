@@ -346,8 +346,11 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     let _source = n1.run(&name, COUNTER_IMAGE, &[]);
     std::thread::sleep(Duration::from_millis(700));
 
+    let job = unique_name("job");
     let out = fleet.ferry(
-        &["migrate", &name, "--from", "node1", "--to", "node2"],
+        &[
+            "migrate", &name, "--from", "node1", "--to", "node2", "--job-id", &job,
+        ],
         JOB_TIMEOUT,
     );
     assert!(
@@ -365,7 +368,16 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     assert!(n2.is_running(&name));
     assert!(!exists(n1, &name));
 
-    // Back again, then a failure: the exit code says so.
+    // `ferry watch JOB` shows the retained view and ends with the job.
+    let watch = fleet.ferry(&["watch", &job], Duration::from_secs(30));
+    assert!(watch.status.success(), "ferry watch: {}", watch.stderr);
+    assert!(
+        watch.stdout.contains("@node1 (source) succeeded"),
+        "ferry watch printed: {}",
+        watch.stdout
+    );
+
+    // The container is no longer on node1: the exit code says so.
     let out = fleet.ferry(
         &["migrate", &name, "--from", "node1", "--to", "node2"],
         JOB_TIMEOUT,

@@ -65,6 +65,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         path: config.work_dir.clone(),
         source,
     })?;
+    // Nothing runs yet: whatever is staged is left from a crash.
+    let staging = config.work_dir.join("staging");
+    if staging.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            warn!(path = %staging.display(), error = %e, "cannot clear stale staging");
+        }
+    }
     let mut ledger = JobLedger::open(config.work_dir.join("jobs-seen")).map_err(|source| {
         AgentError::WorkDir {
             path: config.work_dir.clone(),

@@ -509,3 +509,28 @@ fn sigterm_during_a_transfer_drains_to_a_final_state_on_one_node() {
     assert_eq!(node["online"], false, "node status after the drain: {node}");
     memhog_back_on_source(&fleet, &source, &checksum);
 }
+
+#[test]
+fn a_job_published_while_the_agent_was_offline_still_runs() {
+    let fleet = Fleet::new(Bed::require());
+    let mut a1 = fleet.start_agent(1);
+    let _a2 = fleet.start_agent(2);
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let name = unique_name("counter");
+    let _source = n1.run(&name, COUNTER_IMAGE, &[]);
+
+    assert_eq!(a1.terminate(), Some(0), "{}", a1.log_text());
+    let job = unique_name("job");
+    fleet.send_job(
+        "node1",
+        &job,
+        &json!({"action": "migrate", "container": name, "target": "node2"}),
+    );
+    // The broker holds it in node1's persistent session until it is back.
+    let _a1 = fleet.start_agent(1);
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "succeeded", "final status: {status}");
+    assert!(n2.is_running(&name));
+    assert!(!exists(n1, &name));
+    let _ = n2.docker(&["rm", "-f", &name]);
+}

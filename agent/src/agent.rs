@@ -26,6 +26,8 @@ use crate::stream::ratelimit::parse_rate;
 /// memory and disk stay current for the fleet manager; otherwise idle.
 const STATUS_REFRESH: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a job naming a node without a known status waits for it.
+const PEER_STATUS_WAIT: Duration = Duration::from_secs(3);
 /// After the drain deadline cancels running jobs, how long their rollback
 /// may take before the agent exits anyway.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(25);
@@ -389,15 +391,19 @@ async fn handle_job<E: Engine + 'static>(
                     .await
                 }
             };
-            if let Some(reason) = quick_check(node, &container, &target).await {
+            let handle = JobHandle::new(&container);
+            let already = {
+                let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                let already = jobs.values().any(|j| j.container == container);
+                if !already {
+                    jobs.insert(job_id.to_string(), handle.clone());
+                }
+                already
+            };
+            if already {
+                let reason = format!("container {container} is already being migrated");
                 return reply(node, job_id, Err(reason)).await;
             }
-            let handle = JobHandle::new(&container);
-            node.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(job_id.to_string(), handle.clone());
-            reply(node, job_id, Ok(())).await;
             let job = MigrateJob {
                 job_id: job_id.to_string(),
                 container: container.clone(),
@@ -409,9 +415,17 @@ async fn handle_job<E: Engine + 'static>(
             let node = node.clone();
             let done = done.clone();
             let job_id = job_id.to_string();
+            // Its own task: the acceptance check may wait for the target's
+            // retained status, which this loop delivers.
             tasks.spawn(
                 async move {
-                    source::run(node, job, handle).await;
+                    match quick_check(&node, &job.container, &job.target).await {
+                        Some(reason) => reply(&node, &job_id, Err(reason)).await,
+                        None => {
+                            reply(&node, &job_id, Ok(())).await;
+                            source::run(node.clone(), job, handle).await;
+                        }
+                    }
                     let _ = done.send(job_id).await;
                 }
                 .instrument(span),
@@ -423,15 +437,6 @@ async fn handle_job<E: Engine + 'static>(
 /// Reasons to reject a migrate job at once, before it is accepted: the
 /// fleet manager learns about a typo without a job ever starting.
 async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -> Option<String> {
-    if node
-        .jobs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .any(|j| j.container == container)
-    {
-        return Some(format!("container {container} is already being migrated"));
-    }
     match node.engine.inspect(container).await {
         Ok(c) if !c.running => {
             return Some(format!(
@@ -445,7 +450,17 @@ async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -
         }
         Err(e) => return Some(format!("cannot inspect container {container}: {e}")),
     }
-    match node.peer(target) {
+    // Right after a reconnect, jobs queued in the session arrive before the
+    // retained statuses of the other nodes: give those a moment.
+    let deadline = tokio::time::Instant::now() + PEER_STATUS_WAIT;
+    let peer = loop {
+        match node.peer(target) {
+            Some(p) => break Some(p),
+            None if tokio::time::Instant::now() >= deadline => break None,
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    match peer {
         None => Some(format!("target node {target} is unknown (no status seen)")),
         Some(p) if !p.online => Some(format!("target node {target} is offline")),
         Some(_) => None,

@@ -6,10 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_tests::fleet::{ferry_bin, Fleet, LastLogs};
-use ferry_tests::{
-    check_counter_resumed, parse_counter, unique_name, wait_for, Bed, COUNTER_IMAGE,
-};
+use ferry_tests::fleet::{ferry_bin, start_counter, Fleet, LastLogs};
+use ferry_tests::{check_counter_resumed, parse_counter, unique_name, wait_for, Bed};
 use serde_json::json;
 
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
@@ -41,14 +39,8 @@ fn aarch64_bin() -> PathBuf {
 
 fn migrate_counter(fleet: &Fleet, from: usize, to: usize) {
     let (src, dst) = (fleet.node(from), fleet.node(to));
-    let name = unique_name("counter");
-    let source = src.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = parse_counter(&source.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    let source = start_counter(src);
+    let name = source.name.clone();
     let logs = LastLogs::follow(src, &name);
     let job = unique_name("job");
     fleet.send_job(

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::fleet::{Fleet, LastLogs};
+use ferry_tests::fleet::{start_counter, Fleet, LastLogs};
 use ferry_tests::{
     check_counter_resumed, parse_counter, parse_memhog, unique_name, wait_for, Bed, COUNTER_IMAGE,
     MEMHOG_IMAGE,
@@ -28,14 +28,8 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    let source = start_counter(n1);
+    let name = source.name.clone();
 
     let job = unique_name("job");
     let replies = fleet.record(&format!("{}/node1/jobs/{job}/#", fleet.root));
@@ -173,14 +167,8 @@ fn failed_restore_on_the_target_rolls_back_to_the_source() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    let source = start_counter(n1);
+    let name = source.name.clone();
 
     // node2's engine now fails every CRIU call (see tests/bed/bed start_node).
     let flag = n2.dir.join("fail-criu");

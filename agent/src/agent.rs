@@ -170,9 +170,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<String>(16);
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     refresh.tick().await;
+    let mut service = crate::systemd::Service::from_env();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = service.watchdog_due() => service.watchdog(),
             _ = refresh.tick() => publish_status(true).await,
             Some(job_id) = done_rx.recv() => {
                 node.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
@@ -187,6 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     Inbound::Connected { .. } => {
                         info!("connected to the broker");
                         publish_status(true).await;
+                        service.ready("connected to the broker");
                     }
                     Inbound::Disconnected { error, retry_in } => {
                         warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
@@ -215,6 +218,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     // Drain: refuse new work, let running jobs end, then say we are gone.
     info!(running = node.job_count(), "draining");
+    service.stopping("draining");
     accept_stop.cancel();
     tasks.close();
     if tokio::time::timeout(config.drain_timeout, tasks.wait())

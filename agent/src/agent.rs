@@ -182,9 +182,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<String>(16);
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     refresh.tick().await;
+    let mut service = crate::systemd::Service::from_env();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = service.watchdog_due() => service.watchdog(),
             _ = refresh.tick() => publish_status(true).await,
             Some(job_id) = done_rx.recv() => {
                 node.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
@@ -199,6 +201,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     Inbound::Connected { .. } => {
                         info!("connected to the broker");
                         publish_status(true).await;
+                        service.ready("connected to the broker");
                     }
                     Inbound::Disconnected { error, retry_in } => {
                         warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
@@ -230,6 +233,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // connection keeps being served so statuses still go out and new jobs
     // get a clear rejection.
     info!(running = node.job_count(), "draining");
+    service.stopping("draining");
     accept_stop.cancel();
     tasks.close();
     let soft = tokio::time::sleep(config.drain_timeout);

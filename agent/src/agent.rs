@@ -183,6 +183,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     refresh.tick().await;
     let mut service = crate::systemd::Service::from_env();
+    let mut mqtt_lost = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -194,7 +195,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
             msg = inbound.recv() => {
                 let Some(msg) = msg else {
+                    // Exit non-zero after the drain so systemd restarts us.
                     error!("mqtt task ended");
+                    mqtt_lost = true;
                     break;
                 };
                 match msg {
@@ -272,6 +275,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     mqtt_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), mqtt_task).await;
     info!("agent stopped");
+    if mqtt_lost {
+        return Err(AgentError::Mqtt("the broker connection task ended".into()));
+    }
     Ok(())
 }
 

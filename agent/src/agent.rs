@@ -83,6 +83,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if config.insecure {
         warn!("--insecure: plain TCP is allowed where no TLS files are given; never use this on a real fleet");
     }
+    if let Some(files) = &config.tls {
+        crate::stream::tls::check_identity(files, &config.node_id)
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
+    }
     let (tls_client, tls_server) = match &config.tls {
         Some(files) => (
             Some(

@@ -10,6 +10,7 @@
 //! nothing is faked.
 
 pub mod fleet;
+pub mod secure;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -237,10 +237,11 @@ where
         node.publish_job(&job.status).await;
         let expected_job = job.status.job_id.clone();
         let expected_source = job.status.source.clone();
-        let limits = UnpackLimits {
-            max_total_bytes: crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX),
-            ..UnpackLimits::default()
-        };
+        // The source announced the size; a bomb or a lie stops there.
+        let limits = UnpackLimits::for_checkpoint(
+            estimate_bytes,
+            crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX),
+        );
         let report = wire::receive_checkpoint(&mut *conn, staging, &limits, |h| {
             if h.job_id != expected_job || h.source_node != expected_source {
                 return Err(format!(

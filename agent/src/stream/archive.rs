@@ -165,6 +165,30 @@ impl Default for UnpackLimits {
     }
 }
 
+/// Room an incoming checkpoint gets over the source's announced size: CRIU
+/// adds metadata images to the memory pages, and the estimate (the
+/// container's memory usage) is taken before the checkpoint.
+pub const ESTIMATE_HEADROOM: u64 = 256 << 20;
+
+impl UnpackLimits {
+    /// Limits for a checkpoint whose source announced about `estimate` bytes,
+    /// when the staging filesystem has `free` bytes: at most twice the
+    /// estimate plus [`ESTIMATE_HEADROOM`], and never more than `free`, for
+    /// one entry and in total. A peer that lies about the size, or sends a
+    /// zstd bomb, is stopped there instead of filling the disk.
+    pub fn for_checkpoint(estimate: u64, free: u64) -> UnpackLimits {
+        let cap = estimate
+            .saturating_mul(2)
+            .saturating_add(ESTIMATE_HEADROOM)
+            .min(free);
+        UnpackLimits {
+            max_entry_bytes: cap,
+            max_total_bytes: cap,
+            ..UnpackLimits::default()
+        }
+    }
+}
+
 /// What [`unpack_into`] wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnpackStats {
@@ -761,6 +785,46 @@ mod tests {
         let written = fs::metadata(root.join("dest/huge.img")).map(|m| m.len());
         assert!(written.map_or(true, |n| n <= limits.max_total_bytes));
         err
+    }
+
+    #[test]
+    fn checkpoint_limits_follow_the_estimate_and_the_free_space() {
+        let l = UnpackLimits::for_checkpoint(100 * MIB, u64::MAX);
+        assert_eq!(l.max_total_bytes, 200 * MIB + ESTIMATE_HEADROOM);
+        assert_eq!(l.max_entry_bytes, l.max_total_bytes);
+        assert_eq!(l.max_entries, UnpackLimits::default().max_entries);
+        // Unknown estimate (0): the headroom only.
+        assert_eq!(
+            UnpackLimits::for_checkpoint(0, u64::MAX).max_total_bytes,
+            ESTIMATE_HEADROOM
+        );
+        // Never over the free space, and no overflow on absurd estimates.
+        assert_eq!(
+            UnpackLimits::for_checkpoint(u64::MAX, 5 * GIB).max_total_bytes,
+            5 * GIB
+        );
+    }
+
+    #[test]
+    fn ten_gib_bomb_stops_at_the_checkpoint_limits() {
+        // A source that announced 1 MiB: a 10 GiB file is refused at its
+        // header, before any of it is written (files under the entry cap
+        // stop at the total cap: `zero_bomb_stops_at_the_total_cap`).
+        let limits = UnpackLimits::for_checkpoint(MIB, u64::MAX);
+        let mut head = Vec::new();
+        let mut header = Header::new_gnu();
+        header.set_path("pages-1.img").unwrap();
+        header.set_size(10 * GIB);
+        header.set_entry_type(EntryType::Regular);
+        header.set_cksum();
+        head.extend_from_slice(header.as_bytes());
+        let bomb = zstd_stream(&head, 64);
+        let decoder = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
+        let err = rejected_reader(decoder, &limits, &[]);
+        assert!(
+            err.contains("pages-1.img") && err.contains("per-entry limit"),
+            "{err}"
+        );
     }
 
     #[test]

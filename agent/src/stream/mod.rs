@@ -18,8 +18,8 @@ pub(crate) mod testutil;
 pub use archive::{pack_dir, unpack_into, UnpackLimits, UnpackStats};
 pub use ratelimit::{parse_rate, TokenBucket};
 pub use tls::{
-    cert_matches_node, cert_names, client_config, peer_node_id, server_config, server_name,
-    TlsFiles,
+    cert_matches_node, cert_names, check_identity, client_config, peer_node_id, server_config,
+    server_name, TlsFiles,
 };
 pub use wire::{
     read_header, receive_checkpoint, send_checkpoint, IncomingTransfer, Progress, ReceiveReport,

@@ -118,6 +118,25 @@ pub fn peer_node_id(certs: &[CertificateDer<'_>]) -> Result<String, StreamError>
         .ok_or_else(|| StreamError::PeerCert("no common name nor DNS name".into()))
 }
 
+/// Checks that the certificate in `files` is `node`'s own (its CN or a
+/// DNS SAN is `node`). A node started with another node's files then fails
+/// at once, instead of being refused by every peer and by the broker's
+/// ACL (which keys on the CN).
+pub fn check_identity(files: &TlsFiles, node: &str) -> Result<(), StreamError> {
+    let certs = load_certs(&files.cert)?;
+    let names = cert_names(&certs[0]).map_err(|e| StreamError::TlsFile {
+        path: files.cert.clone(),
+        reason: e.to_string(),
+    })?;
+    if names.iter().any(|n| n == node) {
+        return Ok(());
+    }
+    Err(StreamError::TlsFile {
+        path: files.cert.clone(),
+        reason: format!("certificate names {names:?}, not this node's id {node:?}"),
+    })
+}
+
 fn load_identity(
     files: &TlsFiles,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StreamError> {
@@ -328,6 +347,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no certificate"));
+    }
+
+    #[test]
+    fn own_identity_is_checked() {
+        let dir = fleet("tls-own");
+        check_identity(&files(&dir, "node-a"), "node-a").unwrap();
+        let err = check_identity(&files(&dir, "node-a"), "node-b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node-a.pem")
+                && err.contains("\"node-b\"")
+                && err.contains("[\"node-a\"]"),
+            "{err}"
+        );
     }
 
     #[test]

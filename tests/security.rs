@@ -1,0 +1,801 @@
+//! Security on the bed with the production broker configuration
+//! (`broker-config/mosquitto.conf` + `acl`, started by the test itself):
+//! who may publish and read what, who may connect to the broker and to a
+//! data port, hostile archives and a corrupted stream fed to a real agent,
+//! and a migration with everything on TLS.
+//!
+//! Needs the bed: `tests/bed/bed up 2`, or `tests/run` for everything.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_agent::migration::protocol::{self, Prepare, ToSource, ToTarget};
+use ferry_agent::runtime::ContainerSpec;
+use ferry_agent::stream::wire::TransferHeader;
+use ferry_tests::fleet::LastLogs;
+use ferry_tests::secure::hostile::{self, tar_header, Outcome, Zstd};
+use ferry_tests::secure::{tree, FlipRelay, SecureFleet, Who, ROOT};
+use ferry_tests::{
+    check_counter_resumed, parse_counter, unique_name, wait_for, Bed, COUNTER_IMAGE,
+};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a message the broker should drop is waited for.
+const SILENCE: Duration = Duration::from_secs(3);
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The agent colours its log even into a file; the figures read better without.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn counter_values(logs: &str) -> Vec<u64> {
+    parse_counter(logs).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn exists(node: &ferry_tests::Node, name: &str) -> bool {
+    node.docker(&["inspect", name]).status.success()
+}
+
+fn status_of(fleet: &SecureFleet, node: &str) -> Value {
+    fleet
+        .retained(&format!("{ROOT}/{node}/status"))
+        .unwrap_or_else(|| panic!("no retained status for {node}"))
+}
+
+fn data_addr(fleet: &SecureFleet, node: &str) -> SocketAddr {
+    let status = status_of(fleet, node);
+    status["data_addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{node} advertises no data address: {status}"))
+}
+
+/// A prepare for a `counter` container `name` from `source` to `target`,
+/// announcing `estimate` bytes, with the target's own arch and page size.
+fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &str) -> Prepare {
+    Prepare {
+        job_id: job.to_string(),
+        source_node: source.to_string(),
+        target_node: target.to_string(),
+        checkpoint: format!("ferry-{job}"),
+        spec: ContainerSpec {
+            name: name.to_string(),
+            image: COUNTER_IMAGE.to_string(),
+            create_body: json!({"Image": COUNTER_IMAGE, "HostConfig": {"NetworkMode": "none"}}),
+        },
+        estimate_bytes: MIB,
+        arch: target_status["arch"].as_str().unwrap_or("").to_string(),
+        page_size: target_status["page_size"].as_u64().unwrap_or(0),
+    }
+}
+
+#[test]
+fn node_certificates_are_confined_to_their_own_topics() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a1 = fleet.start_agent(1);
+    let mut a2 = fleet.start_agent(2);
+    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    // node2 listens to node1's jobs: the broker acknowledges the
+    // subscription but must deliver nothing under it.
+    let spy = fleet.subscribe_as(Who::Fleet("node2"), &format!("{ROOT}/node1/jobs/+"));
+    assert!(spy.subscribed(), "{}", spy.diagnostics());
+
+    // node1's certificate publishes a job to node2, and forges node2's
+    // status and a reply of node2's.
+    let forged = unique_name("forged");
+    let job = json!({"action": "migrate", "container": "anything", "target": "node1"}).to_string();
+    for (topic, payload, retain) in [
+        (format!("{ROOT}/node2/jobs/{forged}"), job.as_str(), false),
+        (format!("{ROOT}/node2/status"), r#"{"online":false}"#, true),
+        (
+            format!("{ROOT}/node2/jobs/{forged}/accepted"),
+            r#"{"job_id":"x","node":"node2"}"#,
+            false,
+        ),
+    ] {
+        let out = fleet.publish_as(Who::Fleet("node1"), &topic, payload, retain);
+        // MQTT 3.1.1 has no negative PUBACK: the client cannot tell.
+        assert!(out.status.success(), "{topic}: {}", out.stderr);
+    }
+    // Control: the same job from the manager reaches node2, which answers.
+    let allowed = unique_name("allowed");
+    fleet.publish(&format!("{ROOT}/node2/jobs/{allowed}"), &job, false);
+    let reply = everything.wait_topic(&format!("/node2/jobs/{allowed}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        reply["reason"].as_str().unwrap_or("").contains("anything"),
+        "{reply}"
+    );
+    // And a job for node1 from the manager: node1 sees it, node2's spy not.
+    let for_node1 = unique_name("n1job");
+    fleet.publish(
+        &format!("{ROOT}/node1/jobs/{for_node1}"),
+        &job.replace("node1", "node2"),
+        false,
+    );
+    everything.wait_topic(&format!("/node1/jobs/{for_node1}/rejected"), REPLY_TIMEOUT);
+    std::thread::sleep(SILENCE);
+
+    let seen = everything.messages();
+    let forged_seen: Vec<_> = seen.iter().filter(|(t, _)| t.contains(&forged)).collect();
+    assert!(
+        forged_seen.is_empty(),
+        "the broker passed node1's publishes under node2's topics: {forged_seen:?}"
+    );
+    assert!(
+        !a2.log_text().contains(&forged),
+        "node2's agent saw the forged job"
+    );
+    assert_eq!(
+        status_of(&fleet, "node2")["online"],
+        true,
+        "node1 overwrote node2's retained status"
+    );
+    assert!(
+        spy.messages().is_empty(),
+        "node2 read node1's jobs: {:?}",
+        spy.messages()
+    );
+    assert!(
+        a1.log_text().contains(&for_node1),
+        "node1 never got its job"
+    );
+    assert!(a1.is_running() && a2.is_running());
+    println!(
+        "broker dropped node1's job to node2, the forged status and reply; node2 read none of node1's jobs; manager's messages seen: {}",
+        seen.len()
+    );
+}
+
+#[test]
+fn broker_refuses_clients_without_a_fleet_certificate() {
+    let fleet = SecureFleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    let job = json!({"action": "migrate", "container": "anything", "target": "node2"}).to_string();
+    for who in [Who::NoCert, Who::Rogue("manager"), Who::Rogue("node1")] {
+        let id = unique_name("intruder");
+        let out = fleet.publish_as(who, &format!("{ROOT}/node1/jobs/{id}"), &job, false);
+        assert!(
+            !out.status.success(),
+            "{who:?} could publish: {}",
+            out.stdout
+        );
+        let sub = fleet.subscribe_as(who, &format!("{ROOT}/#"));
+        assert!(!sub.subscribed(), "{who:?} could subscribe");
+        println!(
+            "{who:?}: publish refused ({}), subscribe refused ({})",
+            out.stderr.trim(),
+            sub.diagnostics().lines().last().unwrap_or("").trim()
+        );
+    }
+    // Plain MQTT on the TLS port gets nowhere either.
+    let plain = ferry_tests::run_with_timeout(
+        std::process::Command::new("mosquitto_pub").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &fleet.port.to_string(),
+            "-t",
+            &format!("{ROOT}/node1/jobs/plain"),
+            "-m",
+            &job,
+        ]),
+        Duration::from_secs(15),
+    );
+    assert!(
+        plain.map(|o| !o.status.success()).unwrap_or(true),
+        "plain MQTT was accepted on the TLS listener"
+    );
+    std::thread::sleep(SILENCE);
+    let jobs: Vec<_> = everything
+        .messages()
+        .into_iter()
+        .filter(|(t, _)| t.contains("/jobs/"))
+        .collect();
+    assert!(jobs.is_empty(), "an intruder's job got through: {jobs:?}");
+    let log = fleet.broker_log_text();
+    assert!(
+        log.contains("peer did not return a certificate"),
+        "broker log does not show the refused handshake:\n{log}"
+    );
+}
+
+#[test]
+fn oversized_jobs_stop_at_the_broker_or_the_agent() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a1 = fleet.start_agent(1);
+    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    // Over max_packet_size (256 KiB): the broker drops the publisher.
+    let big = fleet.dir.join("big.json");
+    let filler = "a".repeat(300 * 1024);
+    let job = json!({"action": "cancel", "job": filler}).to_string();
+    std::fs::write(&big, &job).unwrap();
+    let id = unique_name("big");
+    let out = fleet.publish_file_as(
+        Who::Fleet("manager"),
+        &format!("{ROOT}/node1/jobs/{id}"),
+        &big,
+    );
+    assert!(
+        !out.status.success(),
+        "a {} byte publish went through",
+        job.len()
+    );
+    // Under it, but over the agent's 16 KiB job limit: rejected with the size.
+    let medium = fleet.dir.join("medium.json");
+    std::fs::write(&medium, job.replace(&filler, &"a".repeat(100 * 1024))).unwrap();
+    let id2 = unique_name("medium");
+    let out = fleet.publish_file_as(
+        Who::Fleet("manager"),
+        &format!("{ROOT}/node1/jobs/{id2}"),
+        &medium,
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let rejected = everything.wait_topic(&format!("/jobs/{id2}/rejected"), REPLY_TIMEOUT);
+    let reason = rejected["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("payload too large"), "{rejected}");
+    std::thread::sleep(SILENCE);
+    assert!(
+        !everything.messages().iter().any(|(t, _)| t.contains(&id)),
+        "the oversized job reached a subscriber"
+    );
+    assert!(
+        fleet.broker_log_text().contains("oversize packet"),
+        "broker log does not show the oversized publish"
+    );
+    assert!(a1.is_running());
+    assert_eq!(status_of(&fleet, "node1")["online"], true);
+    println!("300 KiB job: dropped by the broker; 100 KiB job: rejected by node1: {reason}");
+}
+
+/// Connects to `addr` as `config`, sends `prepare` and returns the answer,
+/// or the error that ended the connection.
+async fn knock(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    prepare: Prepare,
+) -> Result<ToSource, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ferry_agent::stream::server_name("node2").map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    // In TLS 1.3 the server judges the client's certificate after the
+    // client finished its side of the handshake: a refusal shows up as an
+    // alert (or a closed socket) on the first read or write.
+    let sent = protocol::send(&mut tls, &ToTarget::Prepare(Box::new(prepare))).await;
+    let answer = protocol::recv::<_, ToSource>(&mut tls).await;
+    match (sent, answer) {
+        (_, Ok(a)) => Ok(a),
+        (Ok(()), Err(e)) => Err(format!("recv: {e}")),
+        (Err(s), Err(e)) => Err(format!("send: {s}; recv: {e}")),
+    }
+}
+
+fn no_cert_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("read ca.pem") {
+        roots.add(cert.expect("ca.pem")).expect("add the CA");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn data_port_refuses_peers_without_a_fleet_certificate() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let addr = data_addr(&fleet, "node2");
+    let target = status_of(&fleet, "node2");
+    let rt = runtime();
+    let fleet_client = |name: &str| {
+        ferry_agent::stream::client_config(&fleet.tls_files(name)).expect("client config")
+    };
+    // Trusts the fleet CA (to check the agent) but holds another CA's cert.
+    let rogue_client = ferry_agent::stream::client_config(&ferry_agent::stream::TlsFiles {
+        ca: fleet.certs.join("ca.pem"),
+        cert: fleet.rogue.join("node1.pem"),
+        key: fleet.rogue.join("node1.key"),
+    })
+    .expect("rogue client config");
+
+    let mut jobs = Vec::new();
+    for (what, config, source) in [
+        (
+            "no certificate",
+            no_cert_config(&fleet.certs.join("ca.pem")),
+            "node1",
+        ),
+        ("another CA's node1", rogue_client, "node1"),
+        ("node1 claiming to be node3", fleet_client("node1"), "node3"),
+    ] {
+        let job = unique_name("knock");
+        let name = unique_name("knock");
+        let answer = rt.block_on(knock(
+            config,
+            addr,
+            prepare(&target, &job, source, "node2", &name),
+        ));
+        println!("{what}: {answer:?}");
+        match what {
+            "node1 claiming to be node3" => assert!(
+                matches!(&answer, Ok(ToSource::Refused { reason })
+                    if reason.contains("not the job's source node node3")),
+                "{what}: {answer:?}"
+            ),
+            _ => {
+                answer.expect_err(what);
+            }
+        }
+        assert!(
+            !exists(fleet.node(2), &name),
+            "{what}: a container was created"
+        );
+        jobs.push(job);
+    }
+    let log = a2.log_text();
+    let refused: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("data port TLS handshake failed"))
+        .map(strip_ansi)
+        .collect();
+    assert_eq!(refused.len(), 2, "agent log:\n{log}");
+    assert!(
+        refused[0].contains("no certificates") && refused[1].contains("invalid peer certificate"),
+        "{refused:#?}"
+    );
+    println!("agent log: {refused:#?}");
+    for job in &jobs {
+        assert!(
+            fleet
+                .retained(&format!("{ROOT}/node2/jobs/{job}/status"))
+                .is_none(),
+            "{job} got a job status on node2"
+        );
+    }
+    assert!(a2.is_running(), "agent died: {log}");
+}
+
+struct Case {
+    what: &'static str,
+    body: Vec<u8>,
+    raw: u64,
+    bad_sum: bool,
+    /// Words the final verdict's error must contain.
+    expect: &'static [&'static str],
+}
+
+fn cases() -> Vec<Case> {
+    let end = [0u8; 1024];
+    let mut cases = Vec::new();
+
+    let mut z = Zstd::new();
+    z.data(&tar_header("core-1.img", b'0', "", 4))
+        .data(b"core")
+        .zeros(508)
+        .data(&tar_header("../../etc/x", b'0', "", 4))
+        .data(b"evil")
+        .zeros(508)
+        .data(&end);
+    let (body, raw) = z.finish();
+    cases.push(Case {
+        what: "a ../../etc/x entry",
+        body,
+        raw,
+        bad_sum: false,
+        expect: &["\"../../etc/x\"", "'..'"],
+    });
+
+    let mut z = Zstd::new();
+    z.data(&tar_header("pages", b'2', "../../../../../../../..", 0))
+        .data(&tar_header("pages/etc/x", b'0', "", 4))
+        .data(b"evil")
+        .zeros(508)
+        .data(&end);
+    let (body, raw) = z.finish();
+    cases.push(Case {
+        what: "an escaping symlink",
+        body,
+        raw,
+        bad_sum: false,
+        expect: &["\"pages\"", "symlink"],
+    });
+
+    let mut z = Zstd::new();
+    z.data(&tar_header("pages-1.img", b'0', "", 10 * GIB))
+        .zeros(10 * GIB)
+        .data(&end);
+    let (body, raw) = z.finish();
+    cases.push(Case {
+        what: "a 10 GiB zero bomb in one file",
+        body,
+        raw,
+        bad_sum: false,
+        expect: &["\"pages-1.img\"", "per-entry limit"],
+    });
+
+    let mut z = Zstd::new();
+    for i in 0..40 {
+        z.data(&tar_header(&format!("pages-{i}.img"), b'0', "", 256 * MIB))
+            .zeros(256 * MIB);
+    }
+    z.data(&end);
+    let (body, raw) = z.finish();
+    cases.push(Case {
+        what: "a 10 GiB zero bomb in 40 files",
+        body,
+        raw,
+        bad_sum: false,
+        expect: &["total cap"],
+    });
+
+    let mut z = Zstd::new();
+    z.data(&tar_header("core-1.img", b'0', "", 4))
+        .data(b"core")
+        .zeros(508)
+        .data(&end);
+    let (body, raw) = z.finish();
+    cases.push(Case {
+        what: "a valid archive with a wrong checksum",
+        body,
+        raw,
+        bad_sum: true,
+        expect: &["checksum mismatch"],
+    });
+    cases
+}
+
+#[test]
+fn hostile_archives_are_rejected_by_a_real_agent() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let n2 = fleet.node(2);
+    let addr = data_addr(&fleet, "node2");
+    let target = status_of(&fleet, "node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let rt = runtime();
+    let before = tree(&a2.work);
+    let outside = ["/etc/x", "/x"];
+    for p in outside {
+        assert!(!Path::new(p).exists(), "{p} exists before the test");
+    }
+
+    for case in cases() {
+        let job = unique_name("hostile");
+        let name = unique_name("hostile");
+        let p = prepare(&target, &job, "node1", "node2", &name);
+        let header = TransferHeader {
+            job_id: job.clone(),
+            source_node: "node1".into(),
+            target_node: "node2".into(),
+            container: name.clone(),
+            checkpoint: p.checkpoint.clone(),
+        };
+        let bad_sum = case.bad_sum.then_some([0x5a; 32]);
+        let outcome = rt.block_on(async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = ferry_agent::stream::server_name("node2").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .expect("handshake with a valid node certificate");
+            hostile::transfer(&mut tls, p, &header, &case.body, case.raw, bad_sum).await
+        });
+        let Outcome::Final(verdict) = &outcome else {
+            panic!("{}: {outcome:?}", case.what);
+        };
+        let error = verdict.error.clone().unwrap_or_default();
+        assert!(!verdict.ok, "{}: accepted", case.what);
+        for word in case.expect {
+            assert!(
+                error.contains(word),
+                "{}: {error:?} lacks {word:?}",
+                case.what
+            );
+        }
+        let status = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+        assert_eq!(status["state"], "failed", "{}: {status}", case.what);
+        assert!(
+            status["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains(case.expect[0]),
+            "{}: {status}",
+            case.what
+        );
+        // What the target created for the job is gone again, and nothing
+        // was written outside its staging folder.
+        assert!(!exists(n2, &name), "{}: container left behind", case.what);
+        assert!(
+            !a2.work.join("staging").join(&job).exists(),
+            "{}: staging folder left behind",
+            case.what
+        );
+        let extra: Vec<String> = tree(&a2.work)
+            .into_iter()
+            .filter(|p| !before.contains(p) && p != "staging")
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "{}: new paths in the work dir: {extra:?}",
+            case.what
+        );
+        for p in outside {
+            assert!(!Path::new(p).exists(), "{}: {p} was written", case.what);
+        }
+        assert!(a2.is_running(), "{}: the agent died", case.what);
+        println!(
+            "{}: {} wire bytes for {} raw: rejected: {error}",
+            case.what,
+            case.body.len(),
+            case.raw
+        );
+    }
+
+    // A stream whose header names another job than the one prepared.
+    let job = unique_name("hostile");
+    let name = unique_name("hostile");
+    let p = prepare(&target, &job, "node1", "node2", &name);
+    let header = TransferHeader {
+        job_id: unique_name("other"),
+        source_node: "node1".into(),
+        target_node: "node2".into(),
+        container: name.clone(),
+        checkpoint: p.checkpoint.clone(),
+    };
+    let outcome = rt.block_on(async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let sn = ferry_agent::stream::server_name("node2").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(sn, tcp)
+            .await
+            .expect("handshake");
+        hostile::transfer(&mut tls, p, &header, &[], 0, None).await
+    });
+    assert!(
+        matches!(&outcome, Outcome::HeaderRefused(r) if r.contains("does not match the prepared job")),
+        "{outcome:?}"
+    );
+    let status = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        !exists(n2, &name),
+        "container left behind after a refused header"
+    );
+    println!("a header for another job than the prepared one: {outcome:?}");
+}
+
+/// Bytes of the source → target stream before the flip: past the TLS
+/// handshake, the prepare and the header (about 3 KiB), inside the
+/// checkpoint body (a `counter` sends about 21 KiB in all).
+const FLIP_AT: u64 = 10 * 1024;
+
+#[test]
+fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
+    let fleet = SecureFleet::new(Bed::require());
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    // node2 listens on a port of its own and advertises the relay's.
+    let listen = TcpListener::bind(SocketAddr::new(n2.addr.into(), 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port for node2");
+    let relay_socket =
+        TcpListener::bind(SocketAddr::new(n2.addr.into(), 0)).expect("relay listener");
+    let relay = FlipRelay::start(relay_socket, listen, FLIP_AT);
+    let _a1 = fleet.start_agent(1);
+    let _a2 = fleet.start_agent_with(2, Some(listen), Some(relay.addr));
+    assert_eq!(data_addr(&fleet, "node2"), relay.addr);
+
+    let name = unique_name("counter");
+    let source = n1.run(&name, COUNTER_IMAGE, &[]);
+    wait_for("counter printing", Duration::from_secs(20), || {
+        let v = counter_values(&source.logs());
+        (v.len() >= 5)
+            .then_some(())
+            .ok_or(format!("{} values", v.len()))
+    });
+    let job = unique_name("job");
+    fleet.send_job(
+        "node1",
+        &job,
+        &json!({"action": "migrate", "container": name, "target": "node2"}),
+    );
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    let (up, down) = (
+        relay.up.load(Ordering::Relaxed),
+        relay.down.load(Ordering::Relaxed),
+    );
+    println!(
+        "relay: {up} bytes source → target, {down} back, flipped byte {FLIP_AT}: {}; final status {status}",
+        relay.flipped.load(Ordering::Relaxed)
+    );
+    assert!(
+        relay.flipped.load(Ordering::Relaxed),
+        "the stream was shorter than {FLIP_AT} bytes"
+    );
+    assert_eq!(status["state"], "rolled_back", "final status: {status}");
+    assert!(
+        status["timings_ms"]["checkpoint"].as_u64().is_some(),
+        "the flip hit before the checkpoint: {status}"
+    );
+    let error = status["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("transfer"),
+        "error should name the transfer: {error}"
+    );
+    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+    assert_eq!(
+        target_view["state"], "failed",
+        "target's status: {target_view}"
+    );
+
+    // Exactly one node runs it: the source, counting on without a gap.
+    assert!(!exists(n2, &name), "{name} was left behind on node2");
+    let total_ms: u64 = status["timings_ms"]
+        .as_object()
+        .map(|o| o.values().filter_map(|x| x.as_u64()).sum())
+        .unwrap_or(0);
+    let needed = 5 + 10 * (total_ms / 1000 + 2) as usize;
+    let values = wait_for(
+        "counter on node1 after rollback",
+        Duration::from_secs(30),
+        || {
+            let v = counter_values(&source.logs());
+            if let Some((i, w)) = v.windows(2).enumerate().find(|(_, w)| w[1] != w[0] + 1) {
+                return Ok(Err(format!(
+                    "gap or repeat at line {i}: {} then {}",
+                    w[0], w[1]
+                )));
+            }
+            if source.is_running() && v.len() > needed {
+                Ok(Ok(v))
+            } else {
+                Err(format!("{} values, want > {needed}", v.len()))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(values[0], 0);
+    println!(
+        "rolled back: counter on node1 went on to {} with no gap; source error: {error}; target error: {}",
+        values.last().unwrap(),
+        target_view["error"]
+    );
+}
+
+#[test]
+fn counter_migrates_with_everything_on_tls() {
+    let fleet = SecureFleet::new(Bed::require());
+    let a1 = fleet.start_agent(1);
+    let a2 = fleet.start_agent(2);
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let name = unique_name("counter");
+    let source = n1.run(&name, COUNTER_IMAGE, &[]);
+    wait_for("counter printing", Duration::from_secs(20), || {
+        let v = counter_values(&source.logs());
+        (v.len() >= 5)
+            .then_some(())
+            .ok_or(format!("{} values", v.len()))
+    });
+
+    let job = unique_name("job");
+    let replies = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{job}/#"));
+    let source_logs = LastLogs::follow(n1, &name);
+    fleet.send_job(
+        "node1",
+        &job,
+        &json!({"action": "migrate", "container": name, "target": "node2"}),
+    );
+    let accepted = replies.wait_topic(&format!("/jobs/{job}/accepted"), REPLY_TIMEOUT);
+    assert_eq!(accepted["job_id"], job.as_str());
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "succeeded", "final status: {status}");
+    for phase in ["precheck", "checkpoint", "transfer", "restore", "cleanup"] {
+        assert!(
+            status["timings_ms"][phase].as_u64().is_some(),
+            "no timing for {phase}: {status}"
+        );
+    }
+    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+    assert_eq!(
+        target_view["state"], "succeeded",
+        "target's status: {target_view}"
+    );
+
+    let before = counter_values(&source_logs.finish());
+    assert!(!exists(n1, &name), "{name} still exists on node1");
+    wait_for("counter on node2", Duration::from_secs(20), || {
+        let after = counter_values(&n2.logs(&name));
+        check_counter_resumed(&before, &after, 5)
+    });
+    assert!(n2.is_running(&name));
+    let _ = n2.docker(&["rm", "-f", &name]);
+
+    // Nothing ran in the clear: no --insecure, and the broker saw each
+    // agent under its certificate's name.
+    for agent in [&a1, &a2] {
+        assert!(!agent.log_text().contains("--insecure"), "{}", agent.node);
+    }
+    let log = fleet.broker_log_text();
+    for node in ["node1", "node2"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!(" as {node} (")) && l.contains(&format!("u'{node}'"))),
+            "broker log lacks {node}'s certificate login:\n{log}"
+        );
+    }
+    println!(
+        "counter over mqtts + mutual TLS: node1 stopped at {}, node2 went on; timings {}",
+        before.last().unwrap(),
+        status["timings_ms"]
+    );
+}
+
+#[test]
+fn an_agent_refuses_to_start_with_another_nodes_certificate() {
+    let fleet = SecureFleet::new(Bed::require());
+    let n1 = fleet.node(1);
+    let theirs = fleet.tls_files("node2");
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .arg("agent")
+            .args(["--node-id", "node1", "--mqtt", &fleet.mqtt_url()])
+            .args(["--docker", &n1.docker_host])
+            .args(["--listen", &format!("{}:0", n1.addr)])
+            .arg("--work-dir")
+            .arg(fleet.dir.join("wrong-cert-work"))
+            .arg("--tls-ca")
+            .arg(&theirs.ca)
+            .arg("--tls-cert")
+            .arg(&theirs.cert)
+            .arg("--tls-key")
+            .arg(&theirs.key),
+        Duration::from_secs(60),
+    )
+    .expect("run ferry agent");
+    let stderr = strip_ansi(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {stderr}");
+    assert!(
+        stderr.contains("node2.pem") && stderr.contains("not this node's id \"node1\""),
+        "{stderr}"
+    );
+    println!("node1 with node2's certificate: {}", stderr.trim());
+}

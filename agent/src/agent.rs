@@ -375,6 +375,10 @@ async fn handle_job<E: Engine + 'static>(
                 .cloned();
             let result = match handle {
                 None => Err(format!("job {job} is not running on {}", node.id)),
+                Some(h) if h.role == contract::Role::Target => Err(format!(
+                    "job {job} is the target side on {}: cancel it on its source node",
+                    node.id
+                )),
                 Some(h) if h.try_cancel() => Ok(()),
                 Some(_) => Err(format!(
                     "job {job} is past the point of no return: the target confirmed the restore"
@@ -405,7 +409,7 @@ async fn handle_job<E: Engine + 'static>(
                     .await
                 }
             };
-            let handle = JobHandle::new(&container);
+            let handle = JobHandle::new(&container, contract::Role::Source);
             let already = {
                 let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
                 let already = jobs.values().any(|j| j.container == container);

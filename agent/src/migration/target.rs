@@ -130,7 +130,7 @@ where
         return;
     }
 
-    let handle = JobHandle::new(&spec.name);
+    let handle = JobHandle::new(&spec.name, Role::Target);
     let duplicate = {
         let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let duplicate = jobs.contains_key(&job_id);

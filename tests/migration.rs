@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::fleet::{Fleet, LastLogs};
+use ferry_tests::fleet::{start_counter, Fleet, LastLogs};
 use ferry_tests::{
     check_counter_resumed, parse_counter, parse_memhog, unique_name, wait_for, Bed, COUNTER_IMAGE,
     MEMHOG_IMAGE,
@@ -28,14 +28,8 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    let source = start_counter(n1);
+    let name = source.name.clone();
 
     let job = unique_name("job");
     let replies = fleet.record(&format!("{}/node1/jobs/{job}/#", fleet.root));
@@ -173,14 +167,8 @@ fn failed_restore_on_the_target_rolls_back_to_the_source() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    let source = start_counter(n1);
+    let name = source.name.clone();
 
     // node2's engine now fails every CRIU call (see tests/bed/bed start_node).
     let flag = n2.dir.join("fail-criu");
@@ -346,8 +334,11 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     let _source = n1.run(&name, COUNTER_IMAGE, &[]);
     std::thread::sleep(Duration::from_millis(700));
 
+    let job = unique_name("job");
     let out = fleet.ferry(
-        &["migrate", &name, "--from", "node1", "--to", "node2"],
+        &[
+            "migrate", &name, "--from", "node1", "--to", "node2", "--job-id", &job,
+        ],
         JOB_TIMEOUT,
     );
     assert!(
@@ -365,7 +356,16 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     assert!(n2.is_running(&name));
     assert!(!exists(n1, &name));
 
-    // Back again, then a failure: the exit code says so.
+    // `ferry watch JOB` shows the retained view and ends with the job.
+    let watch = fleet.ferry(&["watch", &job], Duration::from_secs(30));
+    assert!(watch.status.success(), "ferry watch: {}", watch.stderr);
+    assert!(
+        watch.stdout.contains("@node1 (source) succeeded"),
+        "ferry watch printed: {}",
+        watch.stdout
+    );
+
+    // The container is no longer on node1: the exit code says so.
     let out = fleet.ferry(
         &["migrate", &name, "--from", "node1", "--to", "node2"],
         JOB_TIMEOUT,
@@ -385,5 +385,140 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
             nodes.stdout
         );
     }
+    let _ = n2.docker(&["rm", "-f", &name]);
+}
+
+/// Starts memhog on node1 and a slow migration of it, and waits until the
+/// job is in its transfer phase. Returns (container name, job id, ready checksum).
+fn slow_migration_in_transfer(fleet: &Fleet, source: &ferry_tests::Container) -> (String, String) {
+    let ready = wait_for("memhog ready", Duration::from_secs(60), || {
+        let log = parse_memhog(&source.logs())?;
+        log.ready.clone().ok_or("not ready".to_string())
+    });
+    let job = unique_name("job");
+    // 128 MiB on the wire at 2 MiB/s: about a minute of transfer.
+    fleet.send_job(
+        "node1",
+        &job,
+        &json!({"action": "migrate", "container": source.name, "target": "node2",
+                "options": {"rate_limit": "2MiB/s"}}),
+    );
+    let topic = format!("{}/node1/jobs/{job}/status", fleet.root);
+    wait_for("the job's transfer phase", JOB_TIMEOUT, || {
+        match fleet.retained(&topic) {
+            Some(s) if s["phase"] == "transfer" && s["bytes_wire"].as_u64().unwrap_or(0) > 0 => {
+                Ok(())
+            }
+            Some(s) if s["state"] != "in_progress" => panic!("job ended before the transfer: {s}"),
+            other => Err(format!("status {other:?}")),
+        }
+    });
+    (job, ready.1)
+}
+
+/// The source's memhog runs again with its memory intact, and node2 has no copy.
+fn memhog_back_on_source(fleet: &Fleet, source: &ferry_tests::Container, checksum: &str) {
+    let log = wait_for(
+        "memhog ticking again on node1",
+        Duration::from_secs(60),
+        || {
+            let log = parse_memhog(&source.logs())?;
+            if log.mismatch.is_some() || !source.is_running() {
+                return Ok(log);
+            }
+            (log.ticks.len() >= 2 && source.is_running())
+                .then_some(log)
+                .ok_or("not ticking".to_string())
+        },
+    );
+    assert_eq!(log.mismatch, None, "memory corrupted after the rollback");
+    assert!(source.is_running(), "memhog is not running on node1");
+    for (tick, sum) in &log.ticks {
+        assert_eq!(sum, checksum, "tick {tick} checksum changed");
+    }
+    assert!(
+        !exists(fleet.node(2), &source.name),
+        "a copy was left on node2"
+    );
+}
+
+#[test]
+fn cancel_during_the_transfer_leaves_the_workload_on_the_source() {
+    let fleet = Fleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let _a2 = fleet.start_agent(2);
+    let source = fleet
+        .node(1)
+        .run(&unique_name("memhog"), MEMHOG_IMAGE, &["256"]);
+    let (job, checksum) = slow_migration_in_transfer(&fleet, &source);
+
+    let cancel = unique_name("cancel");
+    let replies = fleet.record(&format!("{}/node1/jobs/{cancel}/#", fleet.root));
+    fleet.send_job("node1", &cancel, &json!({"action": "cancel", "job": job}));
+    replies.wait_topic(&format!("/jobs/{cancel}/accepted"), REPLY_TIMEOUT);
+
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "canceled", "final status: {status}");
+    memhog_back_on_source(&fleet, &source, &checksum);
+
+    // A cancel for a job that is not running is rejected with the reason.
+    let late = unique_name("cancel");
+    let replies = fleet.record(&format!("{}/node1/jobs/{late}/#", fleet.root));
+    fleet.send_job("node1", &late, &json!({"action": "cancel", "job": job}));
+    let rejected = replies.wait_topic(&format!("/jobs/{late}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not running"),
+        "{rejected}"
+    );
+}
+
+#[test]
+fn sigterm_during_a_transfer_drains_to_a_final_state_on_one_node() {
+    let fleet = Fleet::new(Bed::require());
+    // A short drain: the running migration is canceled (rolled back) when it
+    // does not finish in time.
+    let mut a1 = fleet.start_agent_with(1, &["--drain-timeout-secs", "2"]);
+    let _a2 = fleet.start_agent(2);
+    let source = fleet
+        .node(1)
+        .run(&unique_name("memhog"), MEMHOG_IMAGE, &["256"]);
+    let (job, checksum) = slow_migration_in_transfer(&fleet, &source);
+
+    let code = a1.terminate();
+    assert_eq!(code, Some(0), "agent exit after SIGTERM: {}", a1.log_text());
+    let status = fleet.final_status("node1", &job, REPLY_TIMEOUT);
+    assert_eq!(status["state"], "canceled", "final status: {status}");
+    let node = fleet
+        .retained(&format!("{}/node1/status", fleet.root))
+        .unwrap();
+    assert_eq!(node["online"], false, "node status after the drain: {node}");
+    memhog_back_on_source(&fleet, &source, &checksum);
+}
+
+#[test]
+fn a_job_published_while_the_agent_was_offline_still_runs() {
+    let fleet = Fleet::new(Bed::require());
+    let mut a1 = fleet.start_agent(1);
+    let _a2 = fleet.start_agent(2);
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let name = unique_name("counter");
+    let _source = n1.run(&name, COUNTER_IMAGE, &[]);
+
+    assert_eq!(a1.terminate(), Some(0), "{}", a1.log_text());
+    let job = unique_name("job");
+    fleet.send_job(
+        "node1",
+        &job,
+        &json!({"action": "migrate", "container": name, "target": "node2"}),
+    );
+    // The broker holds it in node1's persistent session until it is back.
+    let _a1 = fleet.start_agent(1);
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "succeeded", "final status: {status}");
+    assert!(n2.is_running(&name));
+    assert!(!exists(n1, &name));
     let _ = n2.docker(&["rm", "-f", &name]);
 }

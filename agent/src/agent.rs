@@ -26,6 +26,11 @@ use crate::stream::ratelimit::parse_rate;
 /// memory and disk stay current for the fleet manager; otherwise idle.
 const STATUS_REFRESH: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a job naming a node without a known status waits for it.
+const PEER_STATUS_WAIT: Duration = Duration::from_secs(3);
+/// After the drain deadline cancels running jobs, how long their rollback
+/// may take before the agent exits anyway.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -62,6 +67,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         path: config.work_dir.clone(),
         source,
     })?;
+    // Nothing runs yet: whatever is staged is left from a crash.
+    let staging = config.work_dir.join("staging");
+    if staging.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            warn!(path = %staging.display(), error = %e, "cannot clear stale staging");
+        }
+    }
     let mut ledger = JobLedger::open(config.work_dir.join("jobs-seen")).map_err(|source| {
         AgentError::WorkDir {
             path: config.work_dir.clone(),
@@ -174,9 +186,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<String>(16);
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     refresh.tick().await;
+    let mut service = crate::systemd::Service::from_env();
+    let mut mqtt_lost = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = service.watchdog_due() => service.watchdog(),
             _ = refresh.tick() => publish_status(true).await,
             Some(job_id) = done_rx.recv() => {
                 node.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
@@ -184,13 +199,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
             msg = inbound.recv() => {
                 let Some(msg) = msg else {
+                    // Exit non-zero after the drain so systemd restarts us.
                     error!("mqtt task ended");
+                    mqtt_lost = true;
                     break;
                 };
                 match msg {
                     Inbound::Connected { .. } => {
                         info!("connected to the broker");
                         publish_status(true).await;
+                        service.ready("connected to the broker");
                     }
                     Inbound::Disconnected { error, retry_in } => {
                         warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
@@ -217,24 +235,53 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
 
-    // Drain: refuse new work, let running jobs end, then say we are gone.
+    // Drain: refuse new work, let running jobs end (or cancel them at the
+    // deadline, which rolls them back), then say we are gone. The broker
+    // connection keeps being served so statuses still go out and new jobs
+    // get a clear rejection.
     info!(running = node.job_count(), "draining");
+    service.stopping("draining");
     accept_stop.cancel();
     tasks.close();
-    if tokio::time::timeout(config.drain_timeout, tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain deadline passed; canceling running jobs");
-        for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            handle.try_cancel();
+    let soft = tokio::time::sleep(config.drain_timeout);
+    let hard = tokio::time::sleep(config.drain_timeout + ROLLBACK_GRACE);
+    tokio::pin!(soft, hard);
+    let mut canceled = false;
+    loop {
+        tokio::select! {
+            _ = tasks.wait() => break,
+            _ = &mut soft, if !canceled => {
+                warn!("drain deadline passed; canceling running jobs");
+                for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                    handle.try_cancel();
+                }
+                canceled = true;
+            }
+            _ = &mut hard => {
+                error!(running = node.job_count(), "jobs did not end after cancel; exiting anyway");
+                break;
+            }
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Message { topic, .. }) => {
+                    if let Some(TopicKind::Job { node: to, job_id }) = topics.parse(&topic) {
+                        if to == node.id {
+                            let reason = format!("node {} is shutting down", node.id);
+                            reply(&node, &job_id, Err(reason)).await;
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            },
         }
-        let _ = tokio::time::timeout(Duration::from_secs(20), tasks.wait()).await;
     }
     publish_status(false).await;
     mqtt_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), mqtt_task).await;
     info!("agent stopped");
+    if mqtt_lost {
+        return Err(AgentError::Mqtt("the broker connection task ended".into()));
+    }
     Ok(())
 }
 
@@ -328,6 +375,10 @@ async fn handle_job<E: Engine + 'static>(
                 .cloned();
             let result = match handle {
                 None => Err(format!("job {job} is not running on {}", node.id)),
+                Some(h) if h.role == contract::Role::Target => Err(format!(
+                    "job {job} is the target side on {}: cancel it on its source node",
+                    node.id
+                )),
                 Some(h) if h.try_cancel() => Ok(()),
                 Some(_) => Err(format!(
                     "job {job} is past the point of no return: the target confirmed the restore"
@@ -358,15 +409,19 @@ async fn handle_job<E: Engine + 'static>(
                     .await
                 }
             };
-            if let Some(reason) = quick_check(node, &container, &target).await {
+            let handle = JobHandle::new(&container, contract::Role::Source);
+            let already = {
+                let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                let already = jobs.values().any(|j| j.container == container);
+                if !already {
+                    jobs.insert(job_id.to_string(), handle.clone());
+                }
+                already
+            };
+            if already {
+                let reason = format!("container {container} is already being migrated");
                 return reply(node, job_id, Err(reason)).await;
             }
-            let handle = JobHandle::new(&container);
-            node.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(job_id.to_string(), handle.clone());
-            reply(node, job_id, Ok(())).await;
             let job = MigrateJob {
                 job_id: job_id.to_string(),
                 container: container.clone(),
@@ -378,9 +433,17 @@ async fn handle_job<E: Engine + 'static>(
             let node = node.clone();
             let done = done.clone();
             let job_id = job_id.to_string();
+            // Its own task: the acceptance check may wait for the target's
+            // retained status, which this loop delivers.
             tasks.spawn(
                 async move {
-                    source::run(node, job, handle).await;
+                    match quick_check(&node, &job.container, &job.target).await {
+                        Some(reason) => reply(&node, &job_id, Err(reason)).await,
+                        None => {
+                            reply(&node, &job_id, Ok(())).await;
+                            source::run(node.clone(), job, handle).await;
+                        }
+                    }
                     let _ = done.send(job_id).await;
                 }
                 .instrument(span),
@@ -392,15 +455,6 @@ async fn handle_job<E: Engine + 'static>(
 /// Reasons to reject a migrate job at once, before it is accepted: the
 /// fleet manager learns about a typo without a job ever starting.
 async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -> Option<String> {
-    if node
-        .jobs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .any(|j| j.container == container)
-    {
-        return Some(format!("container {container} is already being migrated"));
-    }
     match node.engine.inspect(container).await {
         Ok(c) if !c.running => {
             return Some(format!(
@@ -414,7 +468,17 @@ async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -
         }
         Err(e) => return Some(format!("cannot inspect container {container}: {e}")),
     }
-    match node.peer(target) {
+    // Right after a reconnect, jobs queued in the session arrive before the
+    // retained statuses of the other nodes: give those a moment.
+    let deadline = tokio::time::Instant::now() + PEER_STATUS_WAIT;
+    let peer = loop {
+        match node.peer(target) {
+            Some(p) => break Some(p),
+            None if tokio::time::Instant::now() >= deadline => break None,
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    match peer {
         None => Some(format!("target node {target} is unknown (no status seen)")),
         Some(p) if !p.online => Some(format!("target node {target} is offline")),
         Some(_) => None,

@@ -9,6 +9,7 @@
 //! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
 //! - [`agent`]: `ferry agent`, the service that ties these together on a device.
 //! - [`certs`]: a development fleet PKI.
+//! - [`systemd`]: sd_notify (READY, watchdog, STOPPING) for the systemd unit.
 
 pub mod agent;
 pub mod certs;
@@ -20,5 +21,6 @@ pub mod mqtt;
 pub mod runtime;
 pub mod stream;
 pub mod sysinfo;
+pub mod systemd;
 
 pub use error::Error;

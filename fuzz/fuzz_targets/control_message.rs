@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use ferry_agent::migration::protocol::{recv, send, ProtocolError, ToSource, ToTarget};
+use ferry_agent::stream::StreamError;
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -26,13 +27,10 @@ where
         let mut input = data;
         let msg: M = match recv(&mut input).await {
             Ok(m) => m,
-            Err(
-                ProtocolError::Closed | ProtocolError::TooLarge(_) | ProtocolError::Malformed(_),
-            ) => return,
-            Err(ProtocolError::Io(e)) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
-                return;
-            }
+            // Short input is `Closed`; oversized or malformed JSON is a
+            // protocol error. An I/O error cannot come from a byte slice.
+            Err(ProtocolError::Closed | ProtocolError::Stream(StreamError::Protocol(_))) => return,
+            Err(e) => panic!("unexpected error from a byte slice: {e}"),
         };
         let mut buf = Vec::new();
         send(&mut buf, &msg)

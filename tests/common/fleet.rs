@@ -9,7 +9,22 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{run_with_timeout, unique_name, wait_for, Bed, Node};
+use crate::{
+    parse_counter, run_with_timeout, unique_name, wait_for, Bed, Container, Node, COUNTER_IMAGE,
+};
+
+/// Starts `counter` on `node` under a fresh name and waits until it has
+/// printed a few values.
+pub fn start_counter(node: &Node) -> Container {
+    let source = node.run(&unique_name("counter"), COUNTER_IMAGE, &[]);
+    wait_for("counter printing", Duration::from_secs(20), || {
+        let v = parse_counter(&source.logs())?;
+        (v.len() >= 5)
+            .then_some(())
+            .ok_or(format!("{} values", v.len()))
+    });
+    source
+}
 
 /// How long an agent may take to come online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);

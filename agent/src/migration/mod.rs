@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::mqtt::contract::{JobStatus, NodeStatus, Topics};
+use crate::mqtt::contract::{JobStatus, NodeStatus, Role, Topics};
 use crate::mqtt::MqttHandle;
 use crate::runtime::{Engine, EngineInfo};
 
@@ -42,6 +42,8 @@ pub struct Node<E> {
 #[derive(Clone)]
 pub struct JobHandle {
     pub container: String,
+    /// Only the source can cancel: it decides when to roll back.
+    pub role: Role,
     pub cancel: CancellationToken,
     /// Set once the target confirmed the restore; guarded together with the
     /// cancel decision so a cancel is either honoured or refused, never lost.
@@ -49,9 +51,10 @@ pub struct JobHandle {
 }
 
 impl JobHandle {
-    pub fn new(container: &str) -> Self {
+    pub fn new(container: &str, role: Role) -> Self {
         Self {
             container: container.to_string(),
+            role,
             cancel: CancellationToken::new(),
             committed: Arc::new(Mutex::new(false)),
         }

@@ -15,9 +15,10 @@
 //! Messages are JSON, each behind a u32 big-endian length.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::runtime::ContainerSpec;
+use crate::stream::{wire, StreamError};
 
 /// Control messages are small; anything larger is a broken or hostile peer.
 pub const MAX_MESSAGE: u32 = 256 * 1024;
@@ -59,12 +60,8 @@ pub enum ToSource {
 pub enum ProtocolError {
     #[error("peer closed the data connection")]
     Closed,
-    #[error("data connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("control message of {0} bytes exceeds the {MAX_MESSAGE} byte limit")]
-    TooLarge(u32),
-    #[error("malformed control message: {0}")]
-    Malformed(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 pub async fn send<W, M>(w: &mut W, msg: &M) -> Result<(), ProtocolError>
@@ -72,15 +69,7 @@ where
     W: AsyncWrite + Unpin,
     M: Serialize,
 {
-    let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::TooLarge(u32::MAX))?;
-    if len > MAX_MESSAGE {
-        return Err(ProtocolError::TooLarge(len));
-    }
-    w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(&body).await?;
-    w.flush().await?;
-    Ok(())
+    Ok(wire::write_json_frame(w, msg, "control message", MAX_MESSAGE).await?)
 }
 
 pub async fn recv<R, M>(r: &mut R) -> Result<M, ProtocolError>
@@ -88,26 +77,16 @@ where
     R: AsyncRead + Unpin,
     M: DeserializeOwned,
 {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(ProtocolError::Closed)
-        }
-        Err(e) => return Err(e.into()),
+    match wire::read_json_frame(r, "control message", MAX_MESSAGE).await {
+        Err(StreamError::Truncated(_)) => Err(ProtocolError::Closed),
+        other => Ok(other?),
     }
-    let len = u32::from_be_bytes(len);
-    if len > MAX_MESSAGE {
-        return Err(ProtocolError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn messages_round_trip_and_limits_hold() {
@@ -130,7 +109,7 @@ mod tests {
 
         a.write_all(&(MAX_MESSAGE + 1).to_be_bytes()).await.unwrap();
         let err = recv::<_, ToSource>(&mut b).await.unwrap_err();
-        assert!(matches!(err, ProtocolError::TooLarge(_)), "{err}");
+        assert!(err.to_string().contains("limit"), "{err}");
 
         let (mut a, mut b) = tokio::io::duplex(1024);
         send(

@@ -130,7 +130,7 @@ where
         return;
     }
 
-    let handle = JobHandle::new(&spec.name);
+    let handle = JobHandle::new(&spec.name, Role::Target);
     let duplicate = {
         let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let duplicate = jobs.contains_key(&job_id);
@@ -206,28 +206,23 @@ where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    // Precheck: anything missing here is a refusal while the source still runs.
-    if let Err(reason) = precheck(node, spec, estimate_bytes, arch, page_size).await {
-        let _ = protocol::send(
-            conn,
-            &ToSource::Refused {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(reason);
-    }
-    let id = match node.engine.create(spec).await {
+    // Precheck and create: anything missing here is a refusal while the
+    // source still runs.
+    let prepared = match precheck(node, spec, estimate_bytes, arch, page_size).await {
+        Ok(()) => node
+            .engine
+            .create(spec)
+            .await
+            .map_err(|e| format!("cannot create container {} on {}: {e}", spec.name, node.id)),
+        Err(reason) => Err(reason),
+    };
+    let id = match prepared {
         Ok(id) => id,
-        Err(e) => {
-            let reason = format!("cannot create container {} on {}: {e}", spec.name, node.id);
-            let _ = protocol::send(
-                conn,
-                &ToSource::Refused {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
+        Err(reason) => {
+            let refusal = ToSource::Refused {
+                reason: reason.clone(),
+            };
+            let _ = protocol::send(conn, &refusal).await;
             return Err(reason);
         }
     };

@@ -640,11 +640,35 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
+    write_json_frame(wr, msg, what, MAX_MESSAGE).await
+}
+
+async fn read_message<T, R>(rd: &mut R, what: &str) -> Result<T, StreamError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    read_json_frame(rd, what, MAX_MESSAGE).await
+}
+
+/// One JSON message behind a u32 big-endian length of at most `max` bytes:
+/// the framing of the header and verdicts here, and of the control
+/// conversation around the stream (`migration::protocol`).
+pub(crate) async fn write_json_frame<W, T>(
+    wr: &mut W,
+    msg: &T,
+    what: &str,
+    max: u32,
+) -> Result<(), StreamError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
     let json = serde_json::to_vec(msg)
         .map_err(|e| StreamError::Protocol(format!("encoding the {what}: {e}")))?;
     let len = u32::try_from(json.len())
         .ok()
-        .filter(|n| *n <= MAX_MESSAGE)
+        .filter(|n| *n <= max)
         .ok_or_else(|| {
             StreamError::Protocol(format!("{what} of {} bytes is too large", json.len()))
         })?;
@@ -659,7 +683,11 @@ where
         .map_err(|e| StreamError::io(format!("sending the {what}"), e))
 }
 
-async fn read_message<T, R>(rd: &mut R, what: &str) -> Result<T, StreamError>
+pub(crate) async fn read_json_frame<T, R>(
+    rd: &mut R,
+    what: &str,
+    max: u32,
+) -> Result<T, StreamError>
 where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
@@ -673,9 +701,9 @@ where
     let mut len = [0u8; 4];
     rd.read_exact(&mut len).await.map_err(eof)?;
     let len = u32::from_be_bytes(len);
-    if len > MAX_MESSAGE {
+    if len > max {
         return Err(StreamError::Protocol(format!(
-            "{what} of {len} bytes, over the {MAX_MESSAGE} byte limit"
+            "{what} of {len} bytes, over the {max} byte limit"
         )));
     }
     let mut json = vec![0u8; len as usize];

@@ -61,6 +61,18 @@ fn counter_values(logs: &str) -> Vec<u64> {
     parse_counter(logs).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Removes container `name` from every node when dropped, wherever a
+/// migration left it, also when the test fails.
+struct Cleanup(Vec<ferry_tests::Node>, String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = node.docker(&["rm", "-f", &self.1]);
+        }
+    }
+}
+
 fn exists(node: &ferry_tests::Node, name: &str) -> bool {
     node.docker(&["inspect", name]).status.success()
 }
@@ -625,6 +637,7 @@ fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
     assert_eq!(data_addr(&fleet, "node2"), relay.addr);
 
     let name = unique_name("counter");
+    let _cleanup = Cleanup(vec![n1.clone(), n2.clone()], name.clone());
     let source = n1.run(&name, COUNTER_IMAGE, &[]);
     wait_for("counter printing", Duration::from_secs(20), || {
         let v = counter_values(&source.logs());
@@ -708,6 +721,7 @@ fn counter_migrates_with_everything_on_tls() {
     let a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
     let name = unique_name("counter");
+    let _cleanup = Cleanup(vec![n1.clone(), n2.clone()], name.clone());
     let source = n1.run(&name, COUNTER_IMAGE, &[]);
     wait_for("counter printing", Duration::from_secs(20), || {
         let v = counter_values(&source.logs());
@@ -747,7 +761,6 @@ fn counter_migrates_with_everything_on_tls() {
         check_counter_resumed(&before, &after, 5)
     });
     assert!(n2.is_running(&name));
-    let _ = n2.docker(&["rm", "-f", &name]);
 
     // Nothing ran in the clear: no --insecure, and the broker saw each
     // agent under its certificate's name.

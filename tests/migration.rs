@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::fleet::{start_counter, Fleet, LastLogs};
+use ferry_tests::fleet::{counter_went_on_at_source, start_counter, Fleet, LastLogs};
 use ferry_tests::{
     check_counter_resumed, parse_counter, parse_memhog, unique_name, wait_for, Bed, COUNTER_IMAGE,
     MEMHOG_IMAGE,
@@ -215,33 +215,7 @@ fn failed_restore_on_the_target_rolls_back_to_the_source() {
     assert!(!exists(n2, &name), "{name} was left behind on node2");
     let checkpointed_at = status["timings_ms"]["checkpoint"].as_u64().unwrap_or(0);
     assert!(checkpointed_at > 0, "the job never checkpointed: {status}");
-    let values = wait_for(
-        "counter on node1 after rollback",
-        Duration::from_secs(20),
-        || {
-            let v = counter_values(&source.logs());
-            if let Some((i, w)) = v.windows(2).enumerate().find(|(_, w)| w[1] != w[0] + 1) {
-                return Ok(Err(format!(
-                    "gap or repeat at line {i}: {} then {}",
-                    w[0], w[1]
-                )));
-            }
-            // Well past the checkpoint: the restored process kept counting.
-            let expected = v.len() >= 5 && source.is_running();
-            let total_ms = status["timings_ms"]
-                .as_object()
-                .map(|o| o.values().filter_map(|x| x.as_u64()).sum::<u64>())
-                .unwrap_or(0);
-            let needed = 5 + 10 * (total_ms / 1000 + 2) as usize;
-            if expected && v.len() > needed {
-                Ok(Ok(v))
-            } else {
-                Err(format!("{} values, want > {needed}", v.len()))
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(values[0], 0);
+    let values = counter_went_on_at_source(&source, &status);
     println!(
         "rolled back: counter on node1 went on to {} with no gap; error was: {error}",
         values.last().unwrap()

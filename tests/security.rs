@@ -15,7 +15,7 @@ use std::time::Duration;
 use ferry_agent::migration::protocol::{self, Prepare, ToSource, ToTarget};
 use ferry_agent::runtime::ContainerSpec;
 use ferry_agent::stream::wire::TransferHeader;
-use ferry_tests::fleet::LastLogs;
+use ferry_tests::fleet::{counter_went_on_at_source, LastLogs};
 use ferry_tests::secure::hostile::{self, tar_header, Outcome, Zstd};
 use ferry_tests::secure::{tree, FlipRelay, SecureFleet, Who, ROOT};
 use ferry_tests::{
@@ -682,31 +682,7 @@ fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
 
     // Exactly one node runs it: the source, counting on without a gap.
     assert!(!exists(n2, &name), "{name} was left behind on node2");
-    let total_ms: u64 = status["timings_ms"]
-        .as_object()
-        .map(|o| o.values().filter_map(|x| x.as_u64()).sum())
-        .unwrap_or(0);
-    let needed = 5 + 10 * (total_ms / 1000 + 2) as usize;
-    let values = wait_for(
-        "counter on node1 after rollback",
-        Duration::from_secs(30),
-        || {
-            let v = counter_values(&source.logs());
-            if let Some((i, w)) = v.windows(2).enumerate().find(|(_, w)| w[1] != w[0] + 1) {
-                return Ok(Err(format!(
-                    "gap or repeat at line {i}: {} then {}",
-                    w[0], w[1]
-                )));
-            }
-            if source.is_running() && v.len() > needed {
-                Ok(Ok(v))
-            } else {
-                Err(format!("{} values, want > {needed}", v.len()))
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(values[0], 0);
+    let values = counter_went_on_at_source(&source, &status);
     println!(
         "rolled back: counter on node1 went on to {} with no gap; source error: {error}; target error: {}",
         values.last().unwrap(),

@@ -13,6 +13,62 @@ use crate::{
     parse_counter, run_with_timeout, unique_name, wait_for, Bed, Container, Node, COUNTER_IMAGE,
 };
 
+/// After a rollback: the source's counter runs again and its output has no
+/// gap or repeat from 0 on, well past the frozen time the job's status
+/// reports (it prints 10 values a second). Returns the values.
+pub fn counter_went_on_at_source(source: &Container, status: &serde_json::Value) -> Vec<u64> {
+    let frozen_ms: u64 = status["timings_ms"]
+        .as_object()
+        .map(|o| o.values().filter_map(|x| x.as_u64()).sum())
+        .unwrap_or(0);
+    let needed = 5 + 10 * (frozen_ms / 1000 + 2) as usize;
+    let values = wait_for(
+        "counter on the source after rollback",
+        Duration::from_secs(30),
+        || {
+            let v = parse_counter(&source.logs())?;
+            if let Some((i, w)) = v.windows(2).enumerate().find(|(_, w)| w[1] != w[0] + 1) {
+                return Ok(Err(format!(
+                    "gap or repeat at line {i}: {} then {}",
+                    w[0], w[1]
+                )));
+            }
+            if source.is_running() && v.len() > needed {
+                Ok(Ok(v))
+            } else {
+                Err(format!("{} values, want > {needed}", v.len()))
+            }
+        },
+    )
+    .unwrap_or_else(|e: String| panic!("{e}"));
+    assert_eq!(
+        values[0], 0,
+        "the source counter did not start at 0: {values:?}"
+    );
+    values
+}
+
+/// Waits until an agent process is online by its retained status, failing
+/// at once (with its log) if it exits.
+pub fn wait_agent_online(
+    what: &str,
+    child: &mut Child,
+    log: &Path,
+    mut status: impl FnMut() -> Option<serde_json::Value>,
+) {
+    wait_for(what, ONLINE_TIMEOUT, || {
+        if let Ok(Some(exit)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            return Ok(Err(format!("agent exited with {exit}: {log}")));
+        }
+        match status() {
+            Some(v) if v["online"] == true => Ok(Ok(())),
+            other => Err(format!("status {other:?}")),
+        }
+    })
+    .unwrap_or_else(|e: String| panic!("{e}"));
+}
+
 /// Starts `counter` on `node` under a fresh name and waits until it has
 /// printed a few values.
 pub fn start_counter(node: &Node) -> Container {
@@ -150,23 +206,12 @@ impl Fleet {
             log,
         };
         let topic = format!("{}/{}/status", self.root, node.name);
-        wait_for(
+        wait_agent_online(
             &format!("agent {} online", node.name),
-            ONLINE_TIMEOUT,
-            || {
-                if let Ok(Some(status)) = agent.child.try_wait() {
-                    return Ok(Err(format!(
-                        "agent exited with {status}: {}",
-                        agent.log_text()
-                    )));
-                }
-                match self.retained(&topic) {
-                    Some(v) if v["online"] == true => Ok(Ok(())),
-                    other => Err(format!("status {other:?}")),
-                }
-            },
-        )
-        .unwrap_or_else(|e: String| panic!("{e}"));
+            &mut agent.child,
+            &agent.log,
+            || self.retained(&topic),
+        );
         agent
     }
 

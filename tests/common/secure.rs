@@ -28,7 +28,6 @@ use crate::{run_with_timeout, unique_name, wait_for, Bed, CmdOutput, Node};
 
 /// The topic root `broker-config/acl` grants.
 pub const ROOT: &str = "ferry/v1";
-const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const BROKER_START: Duration = Duration::from_secs(10);
 
@@ -154,23 +153,12 @@ impl SecureFleet {
             work,
         };
         let topic = format!("{ROOT}/{}/status", node.name);
-        wait_for(
+        crate::fleet::wait_agent_online(
             &format!("agent {} online on the TLS broker", node.name),
-            ONLINE_TIMEOUT,
-            || {
-                if let Ok(Some(status)) = agent.child.try_wait() {
-                    return Ok(Err(format!(
-                        "agent exited with {status}: {}",
-                        agent.log_text()
-                    )));
-                }
-                match self.retained(&topic) {
-                    Some(v) if v["online"] == true => Ok(Ok(())),
-                    other => Err(format!("status {other:?}")),
-                }
-            },
-        )
-        .unwrap_or_else(|e: String| panic!("{e}"));
+            &mut agent.child,
+            &agent.log,
+            || self.retained(&topic),
+        );
         agent
     }
 

@@ -365,14 +365,24 @@ impl Recorder {
 
     /// Waits for a message whose topic ends with `suffix`; returns its payload.
     pub fn wait_topic(&self, suffix: &str, timeout: Duration) -> serde_json::Value {
-        wait_for(&format!("a message on …{suffix}"), timeout, || {
-            self.messages()
-                .into_iter()
-                .find(|(t, _)| t.ends_with(suffix))
-                .map(|(_, p)| serde_json::from_str(&p).unwrap_or(serde_json::Value::String(p)))
-                .ok_or_else(|| format!("seen: {:?}", self.messages()))
-        })
+        wait_topic_in(|| self.messages(), suffix, timeout)
     }
+}
+
+/// Waits until `messages` holds one whose topic ends with `suffix`; returns
+/// its payload as JSON (or as a string when it is not JSON).
+pub fn wait_topic_in(
+    messages: impl Fn() -> Vec<(String, String)>,
+    suffix: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_for(&format!("a message on …{suffix}"), timeout, || {
+        messages()
+            .into_iter()
+            .find(|(t, _)| t.ends_with(suffix))
+            .map(|(_, p)| serde_json::from_str(&p).unwrap_or(serde_json::Value::String(p)))
+            .ok_or_else(|| format!("seen: {:?}", messages()))
+    })
 }
 
 impl Drop for Recorder {

@@ -523,13 +523,7 @@ impl Subscriber {
     }
 
     pub fn wait_topic(&self, suffix: &str, timeout: Duration) -> serde_json::Value {
-        wait_for(&format!("a message on …{suffix}"), timeout, || {
-            self.messages()
-                .into_iter()
-                .find(|(t, _)| t.ends_with(suffix))
-                .map(|(_, p)| serde_json::from_str(&p).unwrap_or(serde_json::Value::String(p)))
-                .ok_or_else(|| format!("seen: {:?}", self.messages()))
-        })
+        crate::fleet::wait_topic_in(|| self.messages(), suffix, timeout)
     }
 }
 

@@ -223,21 +223,7 @@ impl Fleet {
 
     /// The retained message on `topic`, if any, as JSON.
     pub fn retained(&self, topic: &str) -> Option<serde_json::Value> {
-        let out = run_with_timeout(
-            self.mosquitto("mosquitto_sub").args([
-                "-t",
-                topic,
-                "-C",
-                "1",
-                "-W",
-                "1",
-                "--retained-only",
-            ]),
-            Duration::from_secs(5),
-        )
-        .ok()?;
-        let line = out.stdout.lines().next()?;
-        serde_json::from_str(line).ok()
+        retained_with(self.mosquitto("mosquitto_sub"), topic)
     }
 
     /// Publishes with QoS 1, as a fleet manager would.
@@ -367,6 +353,18 @@ impl Recorder {
     pub fn wait_topic(&self, suffix: &str, timeout: Duration) -> serde_json::Value {
         wait_topic_in(|| self.messages(), suffix, timeout)
     }
+}
+
+/// The retained message on `topic`, read with `mosquitto_sub` already
+/// pointed at a broker (and, for TLS, holding an identity).
+pub fn retained_with(mut mosquitto_sub: Command, topic: &str) -> Option<serde_json::Value> {
+    let out = run_with_timeout(
+        mosquitto_sub.args(["-t", topic, "-C", "1", "-W", "1", "--retained-only"]),
+        Duration::from_secs(5),
+    )
+    .ok()?;
+    let line = out.stdout.lines().next()?;
+    serde_json::from_str(line).ok()
 }
 
 /// Waits until `messages` holds one whose topic ends with `suffix`; returns

@@ -222,21 +222,7 @@ impl SecureFleet {
 
     /// The retained message on `topic` as the manager sees it.
     pub fn retained(&self, topic: &str) -> Option<serde_json::Value> {
-        let out = run_with_timeout(
-            self.client("mosquitto_sub", Who::Fleet("manager")).args([
-                "-t",
-                topic,
-                "-C",
-                "1",
-                "-W",
-                "1",
-                "--retained-only",
-            ]),
-            Duration::from_secs(5),
-        )
-        .ok()?;
-        let line = out.stdout.lines().next()?;
-        serde_json::from_str(line).ok()
+        crate::fleet::retained_with(self.client("mosquitto_sub", Who::Fleet("manager")), topic)
     }
 
     pub fn final_status(&self, node: &str, job_id: &str, timeout: Duration) -> serde_json::Value {

@@ -1108,21 +1108,31 @@ mod tests {
         assert!(err.to_string().contains("unknown field `extra`"), "{err}");
     }
 
-    #[tokio::test]
-    async fn oversized_frame_is_a_protocol_error() {
-        let dst = TempDir::new("wire-frame-dst");
-        let staging = dst.join("staging");
+    /// A receiver that accepts any header, already past its first verdict:
+    /// the returned end is where the body goes next.
+    async fn accepted_receiver(
+        staging: &Path,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Result<ReceiveReport, StreamError>>,
+    ) {
         let (mut a, b) = duplex(64 * 1024);
-        let target = {
-            let staging = staging.clone();
-            tokio::spawn(async move {
-                receive_checkpoint(b, &staging, &UnpackLimits::default(), |_| Ok(())).await
-            })
-        };
+        let staging = staging.to_path_buf();
+        let target = tokio::spawn(async move {
+            receive_checkpoint(b, &staging, &UnpackLimits::default(), |_| Ok(())).await
+        });
         a.write_all(MAGIC).await.unwrap();
         write_message(&mut a, &header(), "header").await.unwrap();
         let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
         assert!(verdict.ok);
+        (a, target)
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_a_protocol_error() {
+        let dst = TempDir::new("wire-frame-dst");
+        let staging = dst.join("staging");
+        let (mut a, target) = accepted_receiver(&staging).await;
         a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
             .await
             .unwrap();
@@ -1137,17 +1147,7 @@ mod tests {
     async fn cancelled_receive_removes_staging() {
         let dst = TempDir::new("wire-cancel-dst");
         let staging = dst.join("staging");
-        let (mut a, b) = duplex(64 * 1024);
-        let target = {
-            let staging = staging.clone();
-            tokio::spawn(async move {
-                receive_checkpoint(b, &staging, &UnpackLimits::default(), |_| Ok(())).await
-            })
-        };
-        a.write_all(MAGIC).await.unwrap();
-        write_message(&mut a, &header(), "header").await.unwrap();
-        let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
-        assert!(verdict.ok);
+        let (mut a, target) = accepted_receiver(&staging).await;
         let body = zstd::encode_all(&noise(100_000, 1)[..], 3).unwrap();
         write_frame(&mut a, &body[..body.len() / 2]).await.unwrap();
         assert!(staging.is_dir());

@@ -49,7 +49,7 @@ pub struct BrokerArgs {
     /// Broker URL: mqtt://host[:port] or mqtts://host[:port].
     #[arg(long, env = "FERRY_MQTT", default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt: String,
-    #[arg(long, env = "FERRY_TOPIC_ROOT", default_value = crate::config::DEFAULT_TOPIC_ROOT)]
+    #[arg(long, env = "FERRY_TOPIC_ROOT", default_value = crate::mqtt::contract::DEFAULT_TOPIC_ROOT)]
     pub topic_root: String,
     /// Fleet CA, and the manager's certificate and key (PEM), for mqtts://.
     #[arg(long, env = "FERRY_TLS_CA")]
@@ -174,7 +174,7 @@ pub struct MigrateArgs {
     /// Wire rate limit, e.g. 10MiB/s or bytes per second.
     #[arg(long)]
     pub rate_limit: Option<String>,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// Job id (default: generated).
     #[arg(long)]

@@ -57,7 +57,7 @@ pub enum ContractError {
     TargetIsSource(String),
     #[error("cancel job {0} names the cancel job itself")]
     CancelsItself(String),
-    #[error("zstd_level {0} out of range 1..=19")]
+    #[error("zstd_level {0} out of range {levels:?}", levels = ZSTD_LEVELS)]
     ZstdLevel(String),
     #[error("rate_limit {0}")]
     RateLimit(String),

@@ -1,8 +1,8 @@
 //! The data-port protocol: one checkpoint per connection, source → target.
 //!
 //! The transport is any byte stream (mutual TLS in production). All integers
-//! are big-endian; "message" means a `u32` length (at most 64 KiB) followed by
-//! that many bytes of JSON.
+//! are big-endian; "message" means a `u32` length (at most [`MAX_MESSAGE`])
+//! followed by that many bytes of JSON.
 //!
 //! ```text
 //! source                                   target
@@ -42,7 +42,11 @@ use super::ratelimit::TokenBucket;
 use super::StreamError;
 
 pub const MAGIC: &[u8; 7] = b"FERRY1\n";
-const MAX_MESSAGE: u32 = 64 * 1024;
+/// Largest JSON message on the data connection: the header and verdicts here
+/// and the control messages of `migration::protocol`. The largest real one is
+/// the `Prepare` carrying a container's create body (env, labels, mounts),
+/// a few KiB; anything near this is a broken or hostile peer.
+pub const MAX_MESSAGE: u32 = 256 * 1024;
 const MAX_FRAME: usize = CHUNK;
 /// Longest silence tolerated from the peer at any step.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,7 +98,8 @@ impl Verdict {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOptions {
-    /// zstd level; 1..=19 are the usual ones, 3 is zstd's default.
+    /// zstd level; a job's default and range are the contract's
+    /// (`mqtt::contract::DEFAULT_ZSTD_LEVEL`, `ZSTD_LEVELS`).
     pub zstd_level: i32,
     /// Bytes per second on the wire; `None` or 0 is unlimited.
     pub rate_limit: Option<u64>,
@@ -103,7 +108,7 @@ pub struct SendOptions {
 impl Default for SendOptions {
     fn default() -> Self {
         SendOptions {
-            zstd_level: 3,
+            zstd_level: crate::mqtt::contract::DEFAULT_ZSTD_LEVEL,
             rate_limit: None,
         }
     }
@@ -1089,12 +1094,10 @@ mod tests {
         a.write_all(MAGIC).await.unwrap();
         a.write_all(&(10u32 << 20).to_be_bytes()).await.unwrap();
         let err = target.await.unwrap().unwrap_err();
-        assert!(
-            err.to_string().contains("over the 65536 byte limit"),
-            "{err}"
-        );
+        let limit = format!("over the {MAX_MESSAGE} byte limit");
+        assert!(err.to_string().contains(&limit), "{err}");
         let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
-        assert!(!verdict.ok && verdict.reason().contains("65536"));
+        assert!(!verdict.ok && verdict.reason().contains(&MAX_MESSAGE.to_string()));
 
         let (mut a, b) = duplex(1024);
         let target = tokio::spawn(read_header(b));

@@ -731,6 +731,16 @@ mod tests {
     }
 
     /// zstd of `n_mib` MiB of `body` produced block by block: no large buffer.
+    /// The tar header of a regular file of `size` bytes, with no data.
+    fn file_header(path: &str, size: u64) -> Vec<u8> {
+        let mut header = Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_size(size);
+        header.set_entry_type(EntryType::Regular);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    }
+
     fn zstd_stream(head: &[u8], n_mib: u64) -> Vec<u8> {
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
         enc.write_all(head).unwrap();
@@ -757,14 +767,7 @@ mod tests {
         assert!(err.to_string().contains("total cap of 16777216"), "{err}");
 
         // A file whose header claims 512 MiB, under the entry limit.
-        let mut head = Vec::new();
-        let mut header = Header::new_gnu();
-        header.set_path("huge.img").unwrap();
-        header.set_size(512 * MIB);
-        header.set_entry_type(EntryType::Regular);
-        header.set_cksum();
-        head.extend_from_slice(header.as_bytes());
-        let bomb = zstd_stream(&head, 512);
+        let bomb = zstd_stream(&file_header("huge.img", 512 * MIB), 512);
         let decoder = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
         let err = rejected_reader(decoder, &limits, &["dest/huge.img"]);
         assert!(
@@ -811,14 +814,7 @@ mod tests {
         // header, before any of it is written (files under the entry cap
         // stop at the total cap: `zero_bomb_stops_at_the_total_cap`).
         let limits = UnpackLimits::for_checkpoint(MIB, u64::MAX);
-        let mut head = Vec::new();
-        let mut header = Header::new_gnu();
-        header.set_path("pages-1.img").unwrap();
-        header.set_size(10 * GIB);
-        header.set_entry_type(EntryType::Regular);
-        header.set_cksum();
-        head.extend_from_slice(header.as_bytes());
-        let bomb = zstd_stream(&head, 64);
+        let bomb = zstd_stream(&file_header("pages-1.img", 10 * GIB), 64);
         let decoder = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
         let err = rejected_reader(decoder, &limits, &[]);
         assert!(

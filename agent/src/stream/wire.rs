@@ -804,8 +804,8 @@ mod tests {
         }
     }
 
-    /// A checkpoint-like folder: small files, a folder, and a 20 MiB file
-    /// of alternating random and zero blocks.
+    /// A checkpoint-like folder: small files, a folder, and a `big_mib` MiB
+    /// file of alternating random and zero blocks.
     fn checkpoint(dir: &Path, big_mib: usize) {
         fs::create_dir_all(dir.join("sub")).unwrap();
         fs::write(dir.join("core-1.img"), b"core").unwrap();
@@ -819,6 +819,16 @@ mod tests {
             }
         }
         fs::write(dir.join("pages-1.img"), big).unwrap();
+    }
+
+    /// A source folder holding `checkpoint(_, big_mib)`, and a target
+    /// folder with the (not yet created) staging path inside it.
+    fn folders(tag: &str, big_mib: usize) -> (TempDir, TempDir, PathBuf) {
+        let src = TempDir::new(&format!("wire-{tag}-src"));
+        checkpoint(src.path(), big_mib);
+        let dst = TempDir::new(&format!("wire-{tag}-dst"));
+        let staging = dst.join("staging");
+        (src, dst, staging)
     }
 
     fn same_tree(a: &Path, b: &Path) {
@@ -837,10 +847,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_preserves_the_folder_and_compresses() {
-        let src = TempDir::new("wire-src");
-        checkpoint(src.path(), 20);
-        let dst = TempDir::new("wire-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("round-trip", 20);
         let (a, b) = duplex(64 * 1024);
 
         let target = {
@@ -946,10 +953,7 @@ mod tests {
 
     #[tokio::test]
     async fn flipped_body_byte_fails_both_sides_and_cleans_staging() {
-        let src = TempDir::new("wire-flip-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-flip-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("flip", 1);
         let (a, b) = relay(Tamper::Flip(50_000));
         let (sent, received) = transfer(src.path(), a, b, &staging, UnpackLimits::default()).await;
         let err = received.unwrap_err();
@@ -973,10 +977,7 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_stream_fails_both_sides_and_cleans_staging() {
-        let src = TempDir::new("wire-cut-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-cut-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("cut", 1);
         let (a, b) = relay(Tamper::Cut(300_000));
         let (sent, received) = transfer(src.path(), a, b, &staging, UnpackLimits::default()).await;
         let err = received.unwrap_err();
@@ -987,10 +988,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_header_gives_the_sender_the_reason() {
-        let src = TempDir::new("wire-refuse-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-refuse-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("refuse", 1);
         let (a, b) = duplex(64 * 1024);
         let target = {
             let staging = staging.clone();
@@ -1019,10 +1017,7 @@ mod tests {
 
     #[tokio::test]
     async fn busy_staging_is_refused_and_left_alone() {
-        let src = TempDir::new("wire-busy-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-busy-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("busy", 1);
         fs::create_dir(&staging).unwrap();
         fs::write(staging.join("previous.img"), b"keep me").unwrap();
         let (a, b) = duplex(64 * 1024);
@@ -1038,10 +1033,7 @@ mod tests {
 
     #[tokio::test]
     async fn archive_rejected_mid_body_reaches_the_sender() {
-        let src = TempDir::new("wire-limit-src");
-        checkpoint(src.path(), 8);
-        let dst = TempDir::new("wire-limit-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("limit", 8);
         let limits = UnpackLimits {
             max_entry_bytes: MIB as u64,
             ..UnpackLimits::default()

@@ -25,7 +25,13 @@ use rcgen::{
 };
 
 pub const DEFAULT_MANAGER: &str = "manager";
-pub const DEFAULT_DAYS: u32 = 365;
+/// Where a development broker is reached: its certificate's SANs.
+pub const DEFAULT_BROKER_HOSTS: [&str; 2] = ["localhost", "127.0.0.1"];
+/// Validity of leaf certificates, in days: 825 is the longest that Apple's
+/// TLS clients (and the CA/Browser Forum rule of 2018-2020) accept for a
+/// server certificate, so the broker's certificate works with any client.
+/// Re-running `ferry certs` renews the leaves under the same CA.
+pub const DEFAULT_DAYS: u32 = 825;
 /// The CA outlives the leaves it signs, so adding a node later works.
 const CA_MIN_DAYS: u32 = 3650;
 const CA_NAME: &str = "ferry fleet CA";
@@ -72,7 +78,7 @@ impl Default for FleetSpec {
         FleetSpec {
             nodes: Vec::new(),
             manager: DEFAULT_MANAGER.into(),
-            broker_hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            broker_hosts: DEFAULT_BROKER_HOSTS.map(String::from).to_vec(),
             days: DEFAULT_DAYS,
         }
     }

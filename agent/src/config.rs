@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::mqtt::contract::{validate_id, Topics};
+use crate::mqtt::contract::{validate_id, Topics, DEFAULT_TOPIC_ROOT};
 use crate::mqtt::BrokerUrl;
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
-pub const DEFAULT_TOPIC_ROOT: &str = "ferry/v1";
 /// Staging in RAM is only chosen when this much memory is available.
 pub const TMPFS_MIN_AVAILABLE: u64 = 1 << 30;
 pub const TMPFS_WORK_DIR: &str = "/run/ferry";

@@ -51,12 +51,13 @@ enum Command {
         /// Node ids, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
-        #[arg(long, default_value = "manager")]
+        #[arg(long, default_value = ferry_agent::certs::DEFAULT_MANAGER)]
         manager: String,
         /// Broker host names and IPs for its certificate, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        #[arg(long, value_delimiter = ',', default_values = ferry_agent::certs::DEFAULT_BROKER_HOSTS)]
         broker_hosts: Vec<String>,
-        #[arg(long, default_value_t = 825)]
+        /// Validity of the issued certificates.
+        #[arg(long, default_value_t = ferry_agent::certs::DEFAULT_DAYS)]
         days: u32,
     },
 }

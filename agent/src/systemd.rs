@@ -5,7 +5,11 @@
 //!
 //! A few lines over `UnixDatagram` instead of libsystemd or a crate: the
 //! protocol is one `KEY=VALUE` line per state in one datagram to a path or
-//! an abstract (`@`-prefixed) socket name.
+//! an abstract (`@`-prefixed) socket name. The `sd-notify` crate (0.5) was
+//! weighed and is less: it reads `$NOTIFY_SOCKET` on every call (so a test
+//! of it must change the process environment under other threads), sends
+//! `@name` to a file path instead of the abstract name, blocks on a full
+//! socket queue, and reports `WATCHDOG_USEC=0` as a zero interval.
 
 use std::ffi::{OsStr, OsString};
 use std::io;

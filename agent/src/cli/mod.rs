@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Rejected, Role, TopicKind, Topics};
@@ -49,7 +49,7 @@ pub struct BrokerArgs {
     /// Broker URL: mqtt://host[:port] or mqtts://host[:port].
     #[arg(long, env = "FERRY_MQTT", default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt: String,
-    #[arg(long, env = "FERRY_TOPIC_ROOT", default_value = crate::config::DEFAULT_TOPIC_ROOT)]
+    #[arg(long, env = "FERRY_TOPIC_ROOT", default_value = crate::mqtt::contract::DEFAULT_TOPIC_ROOT)]
     pub topic_root: String,
     /// Fleet CA, and the manager's certificate and key (PEM), for mqtts://.
     #[arg(long, env = "FERRY_TLS_CA")]
@@ -174,7 +174,7 @@ pub struct MigrateArgs {
     /// Wire rate limit, e.g. 10MiB/s or bytes per second.
     #[arg(long)]
     pub rate_limit: Option<String>,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
     /// Job id (default: generated).
     #[arg(long)]
@@ -313,14 +313,7 @@ fn progress_bar() -> ProgressBar {
 fn show_progress(bar: &ProgressBar, s: &JobStatus) {
     let phase = s.phase.map(state_name).unwrap_or_default();
     if bar.is_hidden() {
-        eprintln!(
-            "{} {} raw={} wire={} rate={}B/s",
-            state_name(s.state),
-            phase,
-            s.bytes_raw,
-            s.bytes_wire,
-            s.rate_bps
-        );
+        eprintln!("{} {} {}", state_name(s.state), phase, volumes(s));
     }
     bar.set_message(phase);
     // The wire total is unknown until the end; the raw size is the closest
@@ -336,12 +329,10 @@ fn print_summary(s: &JobStatus) {
         .map(|(p, ms)| format!("{} {ms} ms", state_name(*p)))
         .collect();
     println!(
-        "job {} {}: {} raw bytes, {} on the wire, {} B/s; {}{}",
+        "job {} {}: {}; {}{}",
         s.job_id,
         state_name(s.state),
-        s.bytes_raw,
-        s.bytes_wire,
-        s.rate_bps,
+        volumes(s),
         timings.join(", "),
         s.error
             .as_ref()
@@ -365,12 +356,12 @@ pub async fn nodes(broker: BrokerArgs) -> Result<BTreeMap<String, NodeStatus>, C
         }
     }
     println!(
-        "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>10} {:>10} {:>4}",
+        "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>11} {:>11} {:>4}",
         "NODE", "ONLINE", "ARCH", "PAGE", "CRIU", "DOCKER", "DATA", "FREE MEM", "FREE DISK", "JOBS"
     );
     for (name, s) in &nodes {
         println!(
-            "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>10} {:>10} {:>4}",
+            "{:<16} {:<7} {:<8} {:>5} {:<8} {:<16} {:<22} {:>11} {:>11} {:>4}",
             name,
             if s.online { "yes" } else { "no" },
             s.arch,
@@ -378,16 +369,22 @@ pub async fn nodes(broker: BrokerArgs) -> Result<BTreeMap<String, NodeStatus>, C
             s.criu.as_deref().unwrap_or("-"),
             s.docker.as_deref().unwrap_or("-"),
             s.data_addr.as_deref().unwrap_or("-"),
-            mib(s.free_mem),
-            mib(s.free_disk),
+            HumanBytes(s.free_mem).to_string(),
+            HumanBytes(s.free_disk).to_string(),
             s.jobs
         );
     }
     Ok(nodes)
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{} MiB", bytes >> 20)
+/// A job's byte counts for people, in the binary units of `--rate-limit`.
+fn volumes(s: &JobStatus) -> String {
+    format!(
+        "raw={} wire={} rate={}/s",
+        HumanBytes(s.bytes_raw),
+        HumanBytes(s.bytes_wire),
+        HumanBytes(s.rate_bps)
+    )
 }
 
 /// Prints job statuses as they change; with a job id, stops at its final
@@ -406,13 +403,11 @@ pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliErr
             continue;
         };
         println!(
-            "{job_id} @{node} ({}) {} {} raw={} wire={} rate={}B/s{}",
+            "{job_id} @{node} ({}) {} {} {}{}",
             state_name(s.role),
             state_name(s.state),
             s.phase.map(state_name).unwrap_or_default(),
-            s.bytes_raw,
-            s.bytes_wire,
-            s.rate_bps,
+            volumes(&s),
             s.error
                 .as_ref()
                 .map(|e| format!(" error: {e}"))
@@ -423,4 +418,18 @@ pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliErr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_are_in_binary_units() {
+        let mut s = JobStatus::new("j", "a", Role::Source, "c", "a", "b", 0);
+        (s.bytes_raw, s.bytes_wire, s.rate_bps) = (3 << 30, 1536 << 10, 10 << 20);
+        assert_eq!(volumes(&s), "raw=3.00 GiB wire=1.50 MiB rate=10.00 MiB/s");
+        (s.bytes_raw, s.bytes_wire, s.rate_bps) = (0, 512, 0);
+        assert_eq!(volumes(&s), "raw=0 B wire=512 B rate=0 B/s");
+    }
 }

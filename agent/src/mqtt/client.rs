@@ -317,8 +317,9 @@ fn check_publish(topic: &str, payload_len: usize) -> Result<(), MqttError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     /// After every ConnAck, subscriptions already queued. The broker may
-    /// have published the Last Will meanwhile: republish the node status
-    /// (and the latest status of live jobs) on each.
+    /// have published the Last Will (node offline) meanwhile: republish the
+    /// node status on each. Job statuses are retained and untouched by the
+    /// will, so they need no republishing.
     Connected { session_present: bool },
     /// A publish on a subscribed filter. Already acknowledged to the broker.
     Message {

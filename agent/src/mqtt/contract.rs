@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -57,7 +56,7 @@ pub enum ContractError {
     TargetIsSource(String),
     #[error("cancel job {0} names the cancel job itself")]
     CancelsItself(String),
-    #[error("zstd_level {0} out of range 1..=19")]
+    #[error("zstd_level {0} out of range {levels:?}", levels = ZSTD_LEVELS)]
     ZstdLevel(String),
     #[error("rate_limit {0}")]
     RateLimit(String),
@@ -131,13 +130,6 @@ pub fn validate_id(kind: &str, s: &str) -> Result<(), ContractError> {
 
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
-}
-
-/// Unix time in milliseconds, for `updated_ms` fields; 0 before 1970.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -1170,15 +1162,5 @@ mod tests {
             serde_json::to_value(&a).unwrap(),
             serde_json::json!({"job_id": "j", "node": "a"})
         );
-    }
-
-    #[test]
-    fn unix_ms_clamps() {
-        assert_eq!(unix_ms(UNIX_EPOCH), 0);
-        assert_eq!(
-            unix_ms(UNIX_EPOCH + std::time::Duration::from_millis(1234)),
-            1234
-        );
-        assert_eq!(unix_ms(UNIX_EPOCH - std::time::Duration::from_secs(1)), 0);
     }
 }

@@ -26,8 +26,8 @@ pub struct JobLedger {
 
 impl JobLedger {
     pub const DEFAULT_CAPACITY: usize = 10_000;
-    /// Suggested file name inside the agent's work dir.
-    pub const FILE_NAME: &'static str = "jobs.ledger";
+    /// The ledger's file name inside the agent's work dir.
+    pub const FILE_NAME: &'static str = "jobs-seen";
 
     pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
         Self::open_with_capacity(path, Self::DEFAULT_CAPACITY)

@@ -1,23 +1,25 @@
-//! Docker Engine through bollard, over the daemon's unix socket.
+//! [`Docker`]: the [`Engine`] trait over the Docker Engine API, through
+//! bollard on the daemon's unix socket, with the API version negotiated down
+//! to what the daemon speaks (Debian 12's Docker 20.10 speaks 1.41).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bollard::container::CreateCheckpointOptions;
 use bollard::models::ContainerCreateBody;
-use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions, StatsOptions};
+use bollard::query_parameters::{
+    CreateContainerOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
+};
+use bollard::BollardRequest;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Container, ContainerSpec, Engine, EngineInfo, RuntimeError};
 
-/// Engine API version used for the one call bollard cannot make; 1.41 is what
-/// Debian 12's Docker 20.10 speaks, and newer daemons still accept it.
-const RAW_API_VERSION: &str = "v1.41";
+/// Longest wait for one engine call; a checkpoint or restore of a large
+/// container through Docker's content store takes tens of seconds.
 const TIMEOUT_SECS: u64 = 600;
 
 pub struct Docker {
     api: bollard::Docker,
-    socket: PathBuf,
 }
 
 impl Docker {
@@ -35,62 +37,53 @@ impl Docker {
                 .negotiate_version()
                 .await
                 .map_err(connect_err)?;
-        Ok(Self {
-            api,
-            socket: PathBuf::from(path),
-        })
+        Ok(Self { api })
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// `POST /containers/{id}/start?checkpoint=NAME`: bollard's start options
-    /// have no checkpoint field, so this request is written by hand.
+    /// `POST /containers/{id}/start?checkpoint=NAME`. bollard 0.21's start
+    /// options have no checkpoint field, so this one call goes through a
+    /// copy of the client whose request modifier adds the query parameter;
+    /// bollard still does the HTTP (chunked bodies included), the timeout
+    /// and the error decoding, exactly as for its other calls.
     async fn start_with_checkpoint(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
-        let err = |message: String| RuntimeError::Engine {
-            call: "start from checkpoint",
-            subject: id.to_string(),
-            message,
-        };
-        let mut sock = tokio::net::UnixStream::connect(&self.socket).await?;
-        let request = format!(
-            "POST /{RAW_API_VERSION}/containers/{id}/start?checkpoint={checkpoint} HTTP/1.1\r\n\
-             Host: docker\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        sock.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        // The answer is a status line and at most a short JSON error.
-        sock.take(64 * 1024).read_to_end(&mut response).await?;
-        let text = String::from_utf8_lossy(&response);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| err(format!("unreadable engine response: {:.200}", text)))?;
-        match status {
-            204 | 304 => Ok(()),
-            _ => {
-                let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-                Err(err(format!("status {status}: {}", engine_message(body))))
-            }
+        if checkpoint.is_empty() || !checkpoint.bytes().all(is_unreserved) {
+            return Err(RuntimeError::Engine {
+                call: "start from checkpoint",
+                subject: id.to_string(),
+                message: format!(
+                    "checkpoint name {checkpoint:?} is not a plain name (A-Z a-z 0-9 - . _ ~)"
+                ),
+            });
         }
+        let checkpoint = checkpoint.to_string();
+        let api = self
+            .api
+            .clone()
+            .with_request_modifier(move |req| with_checkpoint(req, &checkpoint));
+        api.start_container(id, None::<StartContainerOptions>)
+            .await
+            .map_err(engine_err("start from checkpoint", id))
     }
 }
 
-/// The `message` of an engine error body, which may be chunk-encoded.
-fn engine_message(body: &str) -> String {
-    body.find('{')
-        .and_then(|start| {
-            let end = body.rfind('}')?;
-            serde_json::from_str::<serde_json::Value>(&body[start..=end]).ok()
-        })
-        .and_then(|v| {
-            v.get("message")
-                .and_then(|m| m.as_str())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| body.trim().chars().take(300).collect())
+/// RFC 3986 unreserved bytes: safe in a query value without encoding.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// `req` with `checkpoint=NAME` added to its query; `checkpoint` is made of
+/// unreserved bytes, so the URI stays valid. Were it ever not, the URI would
+/// become one that reaches no daemon: the start fails instead of starting
+/// the container afresh without its state.
+fn with_checkpoint(mut req: BollardRequest, checkpoint: &str) -> BollardRequest {
+    let sep = if req.uri().query().is_some() {
+        '&'
+    } else {
+        '?'
+    };
+    let uri = format!("{}{sep}checkpoint={checkpoint}", req.uri());
+    *req.uri_mut() = uri.parse().unwrap_or_default();
+    req
 }
 
 fn engine_err(
@@ -268,20 +261,108 @@ impl Engine for Docker {
 
 #[cfg(test)]
 mod tests {
-    use super::engine_message;
+    use super::*;
+    use crate::stream::testutil::TempDir;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A stand-in engine socket that answers each request with the next of
+    /// `responses` and hands back the request lines it saw.
+    async fn scripted_engine(
+        dir: &TempDir,
+        responses: Vec<String>,
+    ) -> (Docker, tokio::task::JoinHandle<Vec<String>>) {
+        let socket = dir.join("docker.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let seen = tokio::spawn(async move {
+            let mut lines = Vec::new();
+            for response in responses {
+                let (conn, _) = listener.accept().await.unwrap();
+                let mut conn = BufReader::new(conn);
+                let mut line = String::new();
+                conn.read_line(&mut line).await.unwrap();
+                lines.push(line.trim_end().to_string());
+                // The rest of the head; these requests have no body.
+                loop {
+                    let mut header = String::new();
+                    conn.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                }
+                conn.get_mut().write_all(response.as_bytes()).await.unwrap();
+                conn.get_mut().shutdown().await.unwrap();
+            }
+            lines
+        });
+        let path = socket.to_str().unwrap();
+        let api = bollard::Docker::connect_with_unix(
+            path,
+            5,
+            &bollard::ClientVersion {
+                major_version: 1,
+                minor_version: 41,
+            },
+        )
+        .unwrap();
+        (Docker { api }, seen)
+    }
+
+    #[tokio::test]
+    async fn restore_asks_for_the_checkpoint_and_reads_chunked_errors() {
+        let dir = TempDir::new("docker-restore");
+        // How dockerd answers a refused start: a chunked JSON error.
+        let error = r#"{"message":"custom checkpointdir is not supported"}"#;
+        let refused = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             {:x}\r\n{error}\r\n0\r\n\r\n",
+            error.len()
+        );
+        let (docker, seen) = scripted_engine(
+            &dir,
+            vec![
+                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string(),
+                refused,
+            ],
+        )
+        .await;
+        docker.restore("c1", "ferry-j1").await.unwrap();
+        let err = docker.restore("c1", "ferry-j2").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "engine call start from checkpoint for c1 failed: custom checkpointdir is not supported"
+        );
+        assert_eq!(
+            seen.await.unwrap(),
+            [
+                "POST /containers/c1/start?checkpoint=ferry-j1 HTTP/1.1",
+                "POST /containers/c1/start?checkpoint=ferry-j2 HTTP/1.1",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_name_that_would_need_encoding() {
+        let dir = TempDir::new("docker-restore-name");
+        let (docker, seen) = scripted_engine(&dir, vec![]).await;
+        for bad in ["", "a&checkpoint-dir=/tmp", "a b", "a/../b"] {
+            let err = docker.restore("c1", bad).await.unwrap_err().to_string();
+            assert!(err.contains("not a plain name"), "{bad:?}: {err}");
+        }
+        assert!(seen.await.unwrap().is_empty(), "nothing reached the engine");
+    }
 
     #[test]
-    fn engine_message_reads_json_and_chunked_bodies() {
+    fn the_checkpoint_joins_an_existing_query() {
+        let mut req = BollardRequest::new(bollard::body_full(Default::default()));
+        *req.uri_mut() = "http://docker/v1.41/containers/c/start?detachKeys=ctrl-x"
+            .parse()
+            .unwrap();
+        let req = with_checkpoint(req, "cp");
         assert_eq!(
-            engine_message(r#"{"message":"no such container"}"#),
-            "no such container"
+            req.uri().to_string(),
+            "http://docker/v1.41/containers/c/start?detachKeys=ctrl-x&checkpoint=cp"
         );
-        assert_eq!(
-            engine_message(
-                "2a\r\n{\"message\":\"custom checkpointdir is not supported\"}\r\n0\r\n"
-            ),
-            "custom checkpointdir is not supported"
-        );
-        assert_eq!(engine_message("plain text"), "plain text");
     }
 }

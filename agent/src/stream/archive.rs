@@ -584,20 +584,6 @@ mod tests {
         out.extend_from_slice(&[0u8; 1024]);
     }
 
-    /// Unpacks into `root/dest`, expecting an error; checks that nothing
-    /// but `dest` and what the good entries made appear under `root`.
-    fn rejected(tar_bytes: &[u8], limits: &UnpackLimits, allowed: &[&str]) -> String {
-        let root = TempDir::new("unpack-bad");
-        let err = unpack_into(tar_bytes, &root.join("dest"), limits)
-            .expect_err("archive should be rejected")
-            .to_string();
-        let mut expected: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
-        expected.push("dest".into());
-        expected.sort();
-        assert_eq!(tree(root.path()), expected);
-        err
-    }
-
     #[test]
     fn rejects_parent_components() {
         for name in ["../escaped", "a/../../escaped", "../../etc/x"] {
@@ -605,7 +591,7 @@ mod tests {
             raw_entry(&mut t, b"ok.img", EntryType::Regular, b"", b"fine");
             raw_entry(&mut t, name.as_bytes(), EntryType::Regular, b"", b"evil");
             end(&mut t);
-            let err = rejected(&t, &UnpackLimits::default(), &["dest/ok.img"]);
+            let err = rejected(&t[..], &UnpackLimits::default(), &["dest/ok.img"]);
             assert!(
                 err.contains(&format!("{name:?}")) && err.contains(".."),
                 "{err}"
@@ -618,7 +604,7 @@ mod tests {
         let mut t = Vec::new();
         raw_entry(&mut t, b"/etc/x", EntryType::Regular, b"", b"evil");
         end(&mut t);
-        let err = rejected(&t, &UnpackLimits::default(), &[]);
+        let err = rejected(&t[..], &UnpackLimits::default(), &[]);
         assert!(
             err.contains("\"/etc/x\"") && err.contains("absolute"),
             "{err}"
@@ -645,7 +631,7 @@ mod tests {
                 b"through the link",
             );
             end(&mut t);
-            let err = rejected(&t, &UnpackLimits::default(), &[]);
+            let err = rejected(&t[..], &UnpackLimits::default(), &[]);
             assert!(
                 err.contains("\"thing\"") && err.contains(what),
                 "{what}: {err}"
@@ -682,7 +668,7 @@ mod tests {
             max_entry_bytes: 4096,
             ..UnpackLimits::default()
         };
-        let err = rejected(&t, &limits, &[]);
+        let err = rejected(&t[..], &limits, &[]);
         assert!(err.contains("\"big.img\"") && err.contains("4096"), "{err}");
     }
 
@@ -703,7 +689,7 @@ mod tests {
             max_entries: 3,
             ..UnpackLimits::default()
         };
-        let err = rejected(&t, &limits, &["dest/f0", "dest/f1", "dest/f2"]);
+        let err = rejected(&t[..], &limits, &["dest/f0", "dest/f1", "dest/f2"]);
         assert!(err.contains("more than 3 entries"), "{err}");
     }
 
@@ -713,7 +699,7 @@ mod tests {
         raw_entry(&mut dup, b"a", EntryType::Regular, b"", b"one");
         raw_entry(&mut dup, b"a", EntryType::Regular, b"", b"two");
         end(&mut dup);
-        let err = rejected(&dup, &UnpackLimits::default(), &["dest/a"]);
+        let err = rejected(&dup[..], &UnpackLimits::default(), &["dest/a"]);
         assert!(err.contains("\"a\"") && err.contains("duplicate"), "{err}");
 
         let mut whole = Vec::new();
@@ -726,11 +712,21 @@ mod tests {
 
         let mut twice = whole.clone();
         twice.extend_from_slice(&whole);
-        let err = rejected(&twice, &UnpackLimits::default(), &["dest/a"]);
+        let err = rejected(&twice[..], &UnpackLimits::default(), &["dest/a"]);
         assert!(err.contains("after the end"), "{err}");
     }
 
     /// zstd of `n_mib` MiB of `body` produced block by block: no large buffer.
+    /// The tar header of a regular file of `size` bytes, with no data.
+    fn file_header(path: &str, size: u64) -> Vec<u8> {
+        let mut header = Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_size(size);
+        header.set_entry_type(EntryType::Regular);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    }
+
     fn zstd_stream(head: &[u8], n_mib: u64) -> Vec<u8> {
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
         enc.write_all(head).unwrap();
@@ -757,24 +753,20 @@ mod tests {
         assert!(err.to_string().contains("total cap of 16777216"), "{err}");
 
         // A file whose header claims 512 MiB, under the entry limit.
-        let mut head = Vec::new();
-        let mut header = Header::new_gnu();
-        header.set_path("huge.img").unwrap();
-        header.set_size(512 * MIB);
-        header.set_entry_type(EntryType::Regular);
-        header.set_cksum();
-        head.extend_from_slice(header.as_bytes());
-        let bomb = zstd_stream(&head, 512);
+        let bomb = zstd_stream(&file_header("huge.img", 512 * MIB), 512);
         let decoder = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
-        let err = rejected_reader(decoder, &limits, &["dest/huge.img"]);
+        let err = rejected(decoder, &limits, &["dest/huge.img"]);
         assert!(
             err.contains("total cap") && err.contains("huge.img"),
             "{err}"
         );
     }
 
-    fn rejected_reader(input: impl Read, limits: &UnpackLimits, allowed: &[&str]) -> String {
-        let root = TempDir::new("unpack-bad-reader");
+    /// Unpacks `input` into `root/dest`, expecting an error; checks that
+    /// nothing but `dest` and what the good entries made appear under
+    /// `root`, and that no file outgrew the total cap.
+    fn rejected(input: impl Read, limits: &UnpackLimits, allowed: &[&str]) -> String {
+        let root = TempDir::new("unpack-bad");
         let err = unpack_into(input, &root.join("dest"), limits)
             .expect_err("archive should be rejected")
             .to_string();
@@ -811,16 +803,9 @@ mod tests {
         // header, before any of it is written (files under the entry cap
         // stop at the total cap: `zero_bomb_stops_at_the_total_cap`).
         let limits = UnpackLimits::for_checkpoint(MIB, u64::MAX);
-        let mut head = Vec::new();
-        let mut header = Header::new_gnu();
-        header.set_path("pages-1.img").unwrap();
-        header.set_size(10 * GIB);
-        header.set_entry_type(EntryType::Regular);
-        header.set_cksum();
-        head.extend_from_slice(header.as_bytes());
-        let bomb = zstd_stream(&head, 64);
+        let bomb = zstd_stream(&file_header("pages-1.img", 10 * GIB), 64);
         let decoder = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
-        let err = rejected_reader(decoder, &limits, &[]);
+        let err = rejected(decoder, &limits, &[]);
         assert!(
             err.contains("pages-1.img") && err.contains("per-entry limit"),
             "{err}"

@@ -1,7 +1,10 @@
-//! Checkpoint transfer: tar, zstd, rate limit, checksum, mutual TLS.
+//! Checkpoint transfer: tar, zstd, rate limit, checksum, mutual TLS, and
+//! the errors of all of them ([`StreamError`]).
 //!
 //! - [`archive`]: tar of a checkpoint folder, and extraction that never
 //!   writes outside its destination.
+//! - `pipe`: bounded byte pipes between the blocking tar/zstd threads and
+//!   the async connection.
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
 //! - [`wire`]: the data-port protocol between a source and a target agent.
 //! - [`tls`]: mutual TLS configs from PEM files, and peer identities.
@@ -18,8 +21,8 @@ pub(crate) mod testutil;
 pub use archive::{pack_dir, unpack_into, UnpackLimits, UnpackStats};
 pub use ratelimit::{parse_rate, TokenBucket};
 pub use tls::{
-    accept_peer, cert_matches_node, cert_names, check_identity, client_config, peer_node_id,
-    server_config, server_name, TlsFiles,
+    accept_peer, cert_matches_node, cert_names, check_identity, client_config, server_config,
+    server_name, TlsFiles,
 };
 pub use wire::{
     read_header, receive_checkpoint, send_checkpoint, IncomingTransfer, Progress, ReceiveReport,

@@ -1,8 +1,8 @@
 //! The data-port protocol: one checkpoint per connection, source → target.
 //!
 //! The transport is any byte stream (mutual TLS in production). All integers
-//! are big-endian; "message" means a `u32` length (at most 64 KiB) followed by
-//! that many bytes of JSON.
+//! are big-endian; "message" means a `u32` length (at most [`MAX_MESSAGE`])
+//! followed by that many bytes of JSON.
 //!
 //! ```text
 //! source                                   target
@@ -42,7 +42,11 @@ use super::ratelimit::TokenBucket;
 use super::StreamError;
 
 pub const MAGIC: &[u8; 7] = b"FERRY1\n";
-const MAX_MESSAGE: u32 = 64 * 1024;
+/// Largest JSON message on the data connection: the header and verdicts here
+/// and the control messages of `migration::protocol`. The largest real one is
+/// the `Prepare` carrying a container's create body (env, labels, mounts),
+/// a few KiB; anything near this is a broken or hostile peer.
+pub const MAX_MESSAGE: u32 = 256 * 1024;
 const MAX_FRAME: usize = CHUNK;
 /// Longest silence tolerated from the peer at any step.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,7 +98,8 @@ impl Verdict {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOptions {
-    /// zstd level; 1..=19 are the usual ones, 3 is zstd's default.
+    /// zstd level; a job's default and range are the contract's
+    /// (`mqtt::contract::DEFAULT_ZSTD_LEVEL`, `ZSTD_LEVELS`).
     pub zstd_level: i32,
     /// Bytes per second on the wire; `None` or 0 is unlimited.
     pub rate_limit: Option<u64>,
@@ -103,7 +108,7 @@ pub struct SendOptions {
 impl Default for SendOptions {
     fn default() -> Self {
         SendOptions {
-            zstd_level: 3,
+            zstd_level: crate::mqtt::contract::DEFAULT_ZSTD_LEVEL,
             rate_limit: None,
         }
     }
@@ -799,8 +804,8 @@ mod tests {
         }
     }
 
-    /// A checkpoint-like folder: small files, a folder, and a 20 MiB file
-    /// of alternating random and zero blocks.
+    /// A checkpoint-like folder: small files, a folder, and a `big_mib` MiB
+    /// file of alternating random and zero blocks.
     fn checkpoint(dir: &Path, big_mib: usize) {
         fs::create_dir_all(dir.join("sub")).unwrap();
         fs::write(dir.join("core-1.img"), b"core").unwrap();
@@ -814,6 +819,16 @@ mod tests {
             }
         }
         fs::write(dir.join("pages-1.img"), big).unwrap();
+    }
+
+    /// A source folder holding `checkpoint(_, big_mib)`, and a target
+    /// folder with the (not yet created) staging path inside it.
+    fn folders(tag: &str, big_mib: usize) -> (TempDir, TempDir, PathBuf) {
+        let src = TempDir::new(&format!("wire-{tag}-src"));
+        checkpoint(src.path(), big_mib);
+        let dst = TempDir::new(&format!("wire-{tag}-dst"));
+        let staging = dst.join("staging");
+        (src, dst, staging)
     }
 
     fn same_tree(a: &Path, b: &Path) {
@@ -832,10 +847,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_preserves_the_folder_and_compresses() {
-        let src = TempDir::new("wire-src");
-        checkpoint(src.path(), 20);
-        let dst = TempDir::new("wire-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("round-trip", 20);
         let (a, b) = duplex(64 * 1024);
 
         let target = {
@@ -941,10 +953,7 @@ mod tests {
 
     #[tokio::test]
     async fn flipped_body_byte_fails_both_sides_and_cleans_staging() {
-        let src = TempDir::new("wire-flip-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-flip-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("flip", 1);
         let (a, b) = relay(Tamper::Flip(50_000));
         let (sent, received) = transfer(src.path(), a, b, &staging, UnpackLimits::default()).await;
         let err = received.unwrap_err();
@@ -968,10 +977,7 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_stream_fails_both_sides_and_cleans_staging() {
-        let src = TempDir::new("wire-cut-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-cut-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("cut", 1);
         let (a, b) = relay(Tamper::Cut(300_000));
         let (sent, received) = transfer(src.path(), a, b, &staging, UnpackLimits::default()).await;
         let err = received.unwrap_err();
@@ -982,10 +988,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_header_gives_the_sender_the_reason() {
-        let src = TempDir::new("wire-refuse-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-refuse-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("refuse", 1);
         let (a, b) = duplex(64 * 1024);
         let target = {
             let staging = staging.clone();
@@ -1014,10 +1017,7 @@ mod tests {
 
     #[tokio::test]
     async fn busy_staging_is_refused_and_left_alone() {
-        let src = TempDir::new("wire-busy-src");
-        checkpoint(src.path(), 1);
-        let dst = TempDir::new("wire-busy-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("busy", 1);
         fs::create_dir(&staging).unwrap();
         fs::write(staging.join("previous.img"), b"keep me").unwrap();
         let (a, b) = duplex(64 * 1024);
@@ -1033,10 +1033,7 @@ mod tests {
 
     #[tokio::test]
     async fn archive_rejected_mid_body_reaches_the_sender() {
-        let src = TempDir::new("wire-limit-src");
-        checkpoint(src.path(), 8);
-        let dst = TempDir::new("wire-limit-dst");
-        let staging = dst.join("staging");
+        let (src, _dst, staging) = folders("limit", 8);
         let limits = UnpackLimits {
             max_entry_bytes: MIB as u64,
             ..UnpackLimits::default()
@@ -1089,12 +1086,10 @@ mod tests {
         a.write_all(MAGIC).await.unwrap();
         a.write_all(&(10u32 << 20).to_be_bytes()).await.unwrap();
         let err = target.await.unwrap().unwrap_err();
-        assert!(
-            err.to_string().contains("over the 65536 byte limit"),
-            "{err}"
-        );
+        let limit = format!("over the {MAX_MESSAGE} byte limit");
+        assert!(err.to_string().contains(&limit), "{err}");
         let verdict: Verdict = read_message(&mut a, "verdict").await.unwrap();
-        assert!(!verdict.ok && verdict.reason().contains("65536"));
+        assert!(!verdict.ok && verdict.reason().contains(&MAX_MESSAGE.to_string()));
 
         let (mut a, b) = duplex(1024);
         let target = tokio::spawn(read_header(b));

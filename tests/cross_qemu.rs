@@ -4,11 +4,9 @@
 //! were built for.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use ferry_tests::fleet::{ferry_bin, start_counter, Fleet, LastLogs};
-use ferry_tests::{check_counter_resumed, parse_counter, unique_name, wait_for, Bed};
-use serde_json::json;
+use ferry_tests::fleet::{ferry_bin, AgentOptions, DevFleet as Fleet};
+use ferry_tests::Bed;
 
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
 const QEMU: [&str; 3] = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"];
@@ -37,50 +35,6 @@ fn aarch64_bin() -> PathBuf {
     p
 }
 
-fn migrate_counter(fleet: &Fleet, from: usize, to: usize) {
-    let (src, dst) = (fleet.node(from), fleet.node(to));
-    let source = start_counter(src);
-    let name = source.name.clone();
-    let logs = LastLogs::follow(src, &name);
-    let job = unique_name("job");
-    fleet.send_job(
-        &src.name,
-        &job,
-        &json!({"action": "migrate", "container": name, "target": dst.name}),
-    );
-    let status = fleet.final_status(&src.name, &job, Duration::from_secs(300));
-    assert_eq!(
-        status["state"], "succeeded",
-        "{} -> {}: {status}",
-        src.name, dst.name
-    );
-    for phase in ["precheck", "checkpoint", "transfer", "restore", "cleanup"] {
-        assert!(
-            status["timings_ms"][phase].as_u64().is_some(),
-            "no timing for {phase}: {status}"
-        );
-    }
-    let before = parse_counter(&logs.finish()).unwrap();
-    assert!(
-        !src.docker(&["inspect", &name]).status.success(),
-        "{name} still on {}",
-        src.name
-    );
-    wait_for(
-        &format!("counter on {}", dst.name),
-        Duration::from_secs(20),
-        || check_counter_resumed(&before, &parse_counter(&dst.logs(&name))?, 5),
-    );
-    println!(
-        "{} -> {}: stopped at {}, went on; timings {}",
-        src.name,
-        dst.name,
-        before.last().unwrap(),
-        status["timings_ms"]
-    );
-    let _ = dst.docker(&["rm", "-f", &name]);
-}
-
 #[test]
 fn aarch64_agent_under_qemu_migrates_to_and_from_an_x86_64_agent() {
     let bin = aarch64_bin();
@@ -96,13 +50,18 @@ fn aarch64_agent_under_qemu_migrates_to_and_from_an_x86_64_agent() {
     );
 
     let fleet = Fleet::new(Bed::require());
-    let _arm = fleet.start_agent_bin(1, &bin, &QEMU, &[]);
+    let _arm = fleet.start_agent_with(
+        1,
+        AgentOptions {
+            bin: Some(&bin),
+            wrapper: &QEMU,
+            ..AgentOptions::default()
+        },
+    );
     let _x86 = fleet.start_agent(2);
-    let status = fleet
-        .retained(&format!("{}/node1/status", fleet.root))
-        .unwrap();
+    let status = fleet.node_status("node1");
     // The engine's arch, although this agent is an aarch64 program.
     assert_eq!(status["arch"], "x86_64", "{status}");
-    migrate_counter(&fleet, 1, 2);
-    migrate_counter(&fleet, 2, 1);
+    fleet.migrate_counter(&fleet.start_counter(1), 2, None);
+    fleet.migrate_counter(&fleet.start_counter(2), 1, None);
 }

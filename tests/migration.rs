@@ -4,79 +4,34 @@
 
 use std::time::Duration;
 
-use ferry_tests::fleet::{counter_went_on_at_source, start_counter, Fleet, LastLogs};
+use ferry_tests::fleet::{AgentOptions, DevFleet as Fleet};
 use ferry_tests::{
-    check_counter_resumed, parse_counter, parse_memhog, unique_name, wait_for, Bed, COUNTER_IMAGE,
-    MEMHOG_IMAGE,
+    memhog_ready, parse_memhog, unique_name, wait_for, Bed, Container, COUNTER_IMAGE, MEMHOG_IMAGE,
 };
 use serde_json::json;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn counter_values(logs: &str) -> Vec<u64> {
-    parse_counter(logs).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn exists(node: &ferry_tests::Node, name: &str) -> bool {
-    node.docker(&["inspect", name]).status.success()
-}
-
 #[test]
 fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
     let fleet = Fleet::new(Bed::require());
-    let _a1 = fleet.start_agent(1);
+    let a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
-    let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let source = start_counter(n1);
+    let n2 = fleet.node(2);
+    let source = fleet.start_counter(1);
     let name = source.name.clone();
 
-    let job = unique_name("job");
-    let replies = fleet.record(&format!("{}/node1/jobs/{job}/#", fleet.root));
-    let source_logs = LastLogs::follow(n1, &name);
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2", "options": {"zstd_level": 3}}),
-    );
-    let accepted = replies.wait_topic(&format!("/jobs/{job}/accepted"), REPLY_TIMEOUT);
-    assert_eq!(accepted["job_id"], job.as_str());
-
-    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
-    assert_eq!(status["state"], "succeeded", "final status: {status}");
-    assert_eq!(status["error"], serde_json::Value::Null);
-    for phase in ["precheck", "checkpoint", "transfer", "restore", "cleanup"] {
-        assert!(
-            status["timings_ms"][phase].as_u64().is_some(),
-            "no timing for {phase}: {status}"
-        );
-    }
-    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
-    assert_eq!(
-        target_view["state"], "succeeded",
-        "target's status: {target_view}"
-    );
-    assert_eq!(target_view["role"], "target");
-
     // Gone from A, running on B, continuing from A's last value + 1.
-    let before = counter_values(&source_logs.finish());
-    assert!(!exists(n1, &name), "{name} still exists on node1");
-    wait_for("counter on node2", Duration::from_secs(20), || {
-        let after = counter_values(&n2.logs(&name));
-        check_counter_resumed(&before, &after, 5)
-    });
-    assert!(n2.is_running(&name));
-    println!(
-        "counter: node1 stopped at {}, node2 went on; timings {}",
-        before.last().unwrap(),
-        status["timings_ms"]
-    );
+    let job = fleet
+        .migrate_counter(&source, 2, Some(json!({"zstd_level": 3})))
+        .job;
 
     // The same job id again at the same node (a manager's retry, a QoS 1
     // redelivery) is not run twice: no reply at all. The same job under a
     // new id, as the control, is answered (the container left node1).
     let replay = json!({"action": "migrate", "container": name, "target": "node2"});
-    let again = fleet.record(&format!("{}/node1/jobs/#", fleet.root));
+    let again = fleet.subscribe(&fleet.topic("node1/jobs/#"));
     fleet.send_job("node1", &job, &replay);
     let fresh = unique_name("job");
     fleet.send_job("node1", &fresh, &replay);
@@ -88,7 +43,20 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
             .contains("not found"),
         "{control}"
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // What orders the check below: the agent's word that it skipped the
+    // repeated id. It decides that on its receiving loop and replies
+    // nothing after it, so a reply to the repeat would be out by now.
+    wait_for(
+        "node1's agent to skip the repeated job id",
+        REPLY_TIMEOUT,
+        || {
+            a1.log_text()
+                .lines()
+                .any(|l| l.contains("seen before") && l.contains(&job))
+                .then_some(())
+                .ok_or(format!("no \"seen before\" line for {job} in its log"))
+        },
+    );
     let replies: Vec<_> = again
         .messages()
         .into_iter()
@@ -99,7 +67,6 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
         "a repeated job id was answered: {replies:?}"
     );
     assert!(n2.is_running(&name), "the counter left node2");
-    let _ = n2.docker(&["rm", "-f", &name]);
 }
 
 #[test]
@@ -108,19 +75,11 @@ fn memhog_migrates_compressed_and_rate_limited() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("memhog");
-    let source = n1.run(&name, MEMHOG_IMAGE, &["256"]);
-    let ready = wait_for("memhog ready", Duration::from_secs(60), || {
-        let log = parse_memhog(&source.logs())?;
-        log.ready.clone().ok_or("not ready".to_string())
-    });
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["256"]);
+    let name = source.name.clone();
+    let checksum = memhog_ready(&source);
     let limit: u64 = 20 << 20;
-    let job = unique_name("job");
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2", "options": {"rate_limit": "20MiB/s"}}),
-    );
+    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "20MiB/s"})));
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "succeeded", "final status: {status}");
     let raw = status["bytes_raw"].as_u64().unwrap();
@@ -147,7 +106,7 @@ fn memhog_migrates_compressed_and_rate_limited() {
         "rate {rate} B/s exceeds the 20 MiB/s limit"
     );
 
-    assert!(!exists(n1, &name), "{name} still exists on node1");
+    assert!(!n1.exists(&name), "{name} still exists on node1");
     let after = wait_for("memhog ticking on node2", Duration::from_secs(30), || {
         let log = parse_memhog(&n2.logs(&name))?;
         if log.mismatch.is_some() {
@@ -164,12 +123,11 @@ fn memhog_migrates_compressed_and_rate_limited() {
     );
     for (tick, sum) in &after.ticks {
         assert_eq!(
-            sum, &ready.1,
+            sum, &checksum,
             "tick {tick} checksum differs from the source's"
         );
     }
     assert!(n2.is_running(&name));
-    let _ = n2.docker(&["rm", "-f", &name]);
 }
 
 #[test]
@@ -177,9 +135,8 @@ fn failed_restore_on_the_target_rolls_back_to_the_source() {
     let fleet = Fleet::new(Bed::require());
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
-    let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let source = start_counter(n1);
-    let name = source.name.clone();
+    let n2 = fleet.node(2);
+    let source = fleet.start_counter(1);
 
     // node2's engine now fails every CRIU call (see tests/bed/bed start_node).
     let flag = n2.dir.join("fail-criu");
@@ -192,34 +149,10 @@ fn failed_restore_on_the_target_rolls_back_to_the_source() {
     }
     let _flag = RemoveOnDrop(flag);
 
-    let job = unique_name("job");
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2"}),
-    );
+    let job = fleet.send_migrate(&source, 2, None);
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
-    assert_eq!(status["state"], "rolled_back", "final status: {status}");
-    let error = status["error"].as_str().unwrap_or("");
-    assert!(
-        error.contains("restore"),
-        "error should say the restore failed: {error}"
-    );
-    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
-    assert_eq!(
-        target_view["state"], "failed",
-        "target's status: {target_view}"
-    );
-
     // Exactly one node runs it: the source, counting on without a gap.
-    assert!(!exists(n2, &name), "{name} was left behind on node2");
-    let checkpointed_at = status["timings_ms"]["checkpoint"].as_u64().unwrap_or(0);
-    assert!(checkpointed_at > 0, "the job never checkpointed: {status}");
-    let values = counter_went_on_at_source(&source, &status);
-    println!(
-        "rolled back: counter on node1 went on to {} with no gap; error was: {error}",
-        values.last().unwrap()
-    );
+    fleet.assert_rolled_back(&source, 2, &job, &status, "restore");
 }
 
 #[test]
@@ -228,12 +161,12 @@ fn bad_jobs_are_rejected_with_their_cause_and_the_agent_keeps_serving() {
     let mut agent = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let n1 = fleet.node(1);
-    let name = unique_name("counter");
-    let _c = n1.run(&name, COUNTER_IMAGE, &[]);
+    let counter = fleet.run(1, "counter", COUNTER_IMAGE, &[]);
+    let name = counter.name.clone();
     // A node that was online once and is now gone: its Last Will.
     let ghost = unique_name("ghost");
     fleet.publish(
-        &format!("{}/{ghost}/status", fleet.root),
+        &fleet.topic(&format!("{ghost}/status")),
         r#"{"online":false}"#,
         true,
     );
@@ -279,8 +212,8 @@ fn bad_jobs_are_rejected_with_their_cause_and_the_agent_keeps_serving() {
     ];
     for (what, payload, cause) in cases {
         let job = unique_name("bad");
-        let replies = fleet.record(&format!("{}/node1/jobs/{job}/#", fleet.root));
-        fleet.publish(&format!("{}/node1/jobs/{job}", fleet.root), &payload, false);
+        let replies = fleet.subscribe(&fleet.topic(&format!("node1/jobs/{job}/#")));
+        fleet.publish(&fleet.topic(&format!("node1/jobs/{job}")), &payload, false);
         let rejected = replies.wait_topic(&format!("/jobs/{job}/rejected"), REPLY_TIMEOUT);
         let reason = rejected["reason"].as_str().unwrap_or("");
         assert!(
@@ -303,10 +236,7 @@ fn bad_jobs_are_rejected_with_their_cause_and_the_agent_keeps_serving() {
     }
     // Still serving, and the workload never stopped.
     assert!(n1.is_running(&name));
-    let status = fleet
-        .retained(&format!("{}/node1/status", fleet.root))
-        .unwrap();
-    assert_eq!(status["online"], true);
+    assert_eq!(fleet.node_status("node1")["online"], true);
 }
 
 #[test]
@@ -315,9 +245,8 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let _source = n1.run(&name, COUNTER_IMAGE, &[]);
-    std::thread::sleep(Duration::from_millis(700));
+    let source = fleet.start_counter(1);
+    let name = source.name.clone();
 
     let job = unique_name("job");
     let out = fleet.ferry(
@@ -339,7 +268,7 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
         out.stderr
     );
     assert!(n2.is_running(&name));
-    assert!(!exists(n1, &name));
+    assert!(!n1.exists(&name));
 
     // `ferry watch JOB` shows the retained view and ends with the job.
     let watch = fleet.ferry(&["watch", &job], Duration::from_secs(30));
@@ -370,25 +299,15 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
             nodes.stdout
         );
     }
-    let _ = n2.docker(&["rm", "-f", &name]);
 }
 
 /// Starts memhog on node1 and a slow migration of it, and waits until the
-/// job is in its transfer phase. Returns (container name, job id, ready checksum).
-fn slow_migration_in_transfer(fleet: &Fleet, source: &ferry_tests::Container) -> (String, String) {
-    let ready = wait_for("memhog ready", Duration::from_secs(60), || {
-        let log = parse_memhog(&source.logs())?;
-        log.ready.clone().ok_or("not ready".to_string())
-    });
-    let job = unique_name("job");
+/// job is in its transfer phase. Returns (job id, ready checksum).
+fn slow_migration_in_transfer(fleet: &Fleet, source: &Container) -> (String, String) {
+    let checksum = memhog_ready(source);
     // 128 MiB on the wire at 2 MiB/s: about a minute of transfer.
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": source.name, "target": "node2",
-                "options": {"rate_limit": "2MiB/s"}}),
-    );
-    let topic = format!("{}/node1/jobs/{job}/status", fleet.root);
+    let job = fleet.send_migrate(source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    let topic = fleet.topic(&format!("node1/jobs/{job}/status"));
     wait_for("the job's transfer phase", JOB_TIMEOUT, || {
         match fleet.retained(&topic) {
             Some(s) if s["phase"] == "transfer" && s["bytes_wire"].as_u64().unwrap_or(0) > 0 => {
@@ -398,11 +317,11 @@ fn slow_migration_in_transfer(fleet: &Fleet, source: &ferry_tests::Container) ->
             other => Err(format!("status {other:?}")),
         }
     });
-    (job, ready.1)
+    (job, checksum)
 }
 
 /// The source's memhog runs again with its memory intact, and node2 has no copy.
-fn memhog_back_on_source(fleet: &Fleet, source: &ferry_tests::Container, checksum: &str) {
+fn memhog_back_on_source(fleet: &Fleet, source: &Container, checksum: &str) {
     let log = wait_for(
         "memhog ticking again on node1",
         Duration::from_secs(60),
@@ -422,7 +341,7 @@ fn memhog_back_on_source(fleet: &Fleet, source: &ferry_tests::Container, checksu
         assert_eq!(sum, checksum, "tick {tick} checksum changed");
     }
     assert!(
-        !exists(fleet.node(2), &source.name),
+        !fleet.node(2).exists(&source.name),
         "a copy was left on node2"
     );
 }
@@ -432,13 +351,11 @@ fn cancel_during_the_transfer_leaves_the_workload_on_the_source() {
     let fleet = Fleet::new(Bed::require());
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
-    let source = fleet
-        .node(1)
-        .run(&unique_name("memhog"), MEMHOG_IMAGE, &["256"]);
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["256"]);
     let (job, checksum) = slow_migration_in_transfer(&fleet, &source);
 
     let cancel = unique_name("cancel");
-    let replies = fleet.record(&format!("{}/node1/jobs/{cancel}/#", fleet.root));
+    let replies = fleet.subscribe(&fleet.topic(&format!("node1/jobs/{cancel}/#")));
     fleet.send_job("node1", &cancel, &json!({"action": "cancel", "job": job}));
     replies.wait_topic(&format!("/jobs/{cancel}/accepted"), REPLY_TIMEOUT);
 
@@ -448,7 +365,7 @@ fn cancel_during_the_transfer_leaves_the_workload_on_the_source() {
 
     // A cancel for a job that is not running is rejected with the reason.
     let late = unique_name("cancel");
-    let replies = fleet.record(&format!("{}/node1/jobs/{late}/#", fleet.root));
+    let replies = fleet.subscribe(&fleet.topic(&format!("node1/jobs/{late}/#")));
     fleet.send_job("node1", &late, &json!({"action": "cancel", "job": job}));
     let rejected = replies.wait_topic(&format!("/jobs/{late}/rejected"), REPLY_TIMEOUT);
     assert!(
@@ -465,20 +382,22 @@ fn sigterm_during_a_transfer_drains_to_a_final_state_on_one_node() {
     let fleet = Fleet::new(Bed::require());
     // A short drain: the running migration is canceled (rolled back) when it
     // does not finish in time.
-    let mut a1 = fleet.start_agent_with(1, &["--drain-timeout-secs", "2"]);
+    let mut a1 = fleet.start_agent_with(
+        1,
+        AgentOptions {
+            extra: &["--drain-timeout-secs", "2"],
+            ..AgentOptions::default()
+        },
+    );
     let _a2 = fleet.start_agent(2);
-    let source = fleet
-        .node(1)
-        .run(&unique_name("memhog"), MEMHOG_IMAGE, &["256"]);
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["256"]);
     let (job, checksum) = slow_migration_in_transfer(&fleet, &source);
 
     let code = a1.terminate();
     assert_eq!(code, Some(0), "agent exit after SIGTERM: {}", a1.log_text());
     let status = fleet.final_status("node1", &job, REPLY_TIMEOUT);
     assert_eq!(status["state"], "canceled", "final status: {status}");
-    let node = fleet
-        .retained(&format!("{}/node1/status", fleet.root))
-        .unwrap();
+    let node = fleet.node_status("node1");
     assert_eq!(node["online"], false, "node status after the drain: {node}");
     memhog_back_on_source(&fleet, &source, &checksum);
 }
@@ -489,21 +408,15 @@ fn a_job_published_while_the_agent_was_offline_still_runs() {
     let mut a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let _source = n1.run(&name, COUNTER_IMAGE, &[]);
+    let source = fleet.run(1, "counter", COUNTER_IMAGE, &[]);
+    let name = source.name.clone();
 
     assert_eq!(a1.terminate(), Some(0), "{}", a1.log_text());
-    let job = unique_name("job");
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2"}),
-    );
+    let job = fleet.send_migrate(&source, 2, None);
     // The broker holds it in node1's persistent session until it is back.
     let _a1 = fleet.start_agent(1);
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "succeeded", "final status: {status}");
     assert!(n2.is_running(&name));
-    assert!(!exists(n1, &name));
-    let _ = n2.docker(&["rm", "-f", &name]);
+    assert!(!n1.exists(&name));
 }

@@ -15,19 +15,14 @@ use std::time::Duration;
 use ferry_agent::migration::protocol::{self, Prepare, ToSource, ToTarget};
 use ferry_agent::runtime::ContainerSpec;
 use ferry_agent::stream::wire::TransferHeader;
-use ferry_tests::fleet::{counter_went_on_at_source, LastLogs};
-use ferry_tests::secure::hostile::{self, tar_header, Outcome, Zstd};
-use ferry_tests::secure::{tree, FlipRelay, SecureFleet, Who, ROOT};
-use ferry_tests::{
-    check_counter_resumed, parse_counter, unique_name, wait_for, Bed, COUNTER_IMAGE,
-};
+use ferry_tests::broker::{Who, ROOT};
+use ferry_tests::fleet::{AgentOptions, SecureFleet};
+use ferry_tests::hostile::{self, tar_header, tree, FlipRelay, Outcome, Zstd};
+use ferry_tests::{unique_name, wait_for, Bed, COUNTER_IMAGE};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a message the broker should drop is waited for.
-const SILENCE: Duration = Duration::from_secs(3);
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
@@ -57,40 +52,6 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-fn counter_values(logs: &str) -> Vec<u64> {
-    parse_counter(logs).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Removes container `name` from every node when dropped, wherever a
-/// migration left it, also when the test fails.
-struct Cleanup(Vec<ferry_tests::Node>, String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for node in &self.0 {
-            let _ = node.docker(&["rm", "-f", &self.1]);
-        }
-    }
-}
-
-fn exists(node: &ferry_tests::Node, name: &str) -> bool {
-    node.docker(&["inspect", name]).status.success()
-}
-
-fn status_of(fleet: &SecureFleet, node: &str) -> Value {
-    fleet
-        .retained(&format!("{ROOT}/{node}/status"))
-        .unwrap_or_else(|| panic!("no retained status for {node}"))
-}
-
-fn data_addr(fleet: &SecureFleet, node: &str) -> SocketAddr {
-    let status = status_of(fleet, node);
-    status["data_addr"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("{node} advertises no data address: {status}"))
-}
-
 /// A prepare for a `counter` container `name` from `source` to `target`,
 /// announcing `estimate` bytes, with the target's own arch and page size.
 fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &str) -> Prepare {
@@ -115,10 +76,17 @@ fn node_certificates_are_confined_to_their_own_topics() {
     let fleet = SecureFleet::new(Bed::require());
     let mut a1 = fleet.start_agent(1);
     let mut a2 = fleet.start_agent(2);
-    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    let everything = fleet.subscribe(&format!("{ROOT}/#"));
     // node2 listens to node1's jobs: the broker acknowledges the
-    // subscription but must deliver nothing under it.
-    let spy = fleet.subscribe_as(Who::Fleet("node2"), &format!("{ROOT}/node1/jobs/+"));
+    // subscription but must deliver nothing under it. The same client also
+    // reads node2's own jobs, which it may: the control below comes that way.
+    let spy = fleet.subscribe_as(
+        Who::Fleet("node2"),
+        &[
+            &format!("{ROOT}/node1/jobs/+"),
+            &format!("{ROOT}/node2/jobs/+"),
+        ],
+    );
     assert!(spy.subscribed(), "{}", spy.diagnostics());
 
     // node1's certificate publishes a job to node2, and forges node2's
@@ -138,7 +106,15 @@ fn node_certificates_are_confined_to_their_own_topics() {
         // MQTT 3.1.1 has no negative PUBACK: the client cannot tell.
         assert!(out.status.success(), "{topic}: {}", out.stderr);
     }
-    // Control: the same job from the manager reaches node2, which answers.
+    // A job for node1 from the manager: node1 sees it, node2's spy not.
+    let for_node1 = unique_name("n1job");
+    fleet.publish(
+        &format!("{ROOT}/node1/jobs/{for_node1}"),
+        &job.replace("node1", "node2"),
+        false,
+    );
+    // Control, published last: the same job from the manager reaches
+    // node2, which answers.
     let allowed = unique_name("allowed");
     fleet.publish(&format!("{ROOT}/node2/jobs/{allowed}"), &job, false);
     let reply = everything.wait_topic(&format!("/node2/jobs/{allowed}/rejected"), REPLY_TIMEOUT);
@@ -146,15 +122,15 @@ fn node_certificates_are_confined_to_their_own_topics() {
         reply["reason"].as_str().unwrap_or("").contains("anything"),
         "{reply}"
     );
-    // And a job for node1 from the manager: node1 sees it, node2's spy not.
-    let for_node1 = unique_name("n1job");
-    fleet.publish(
-        &format!("{ROOT}/node1/jobs/{for_node1}"),
-        &job.replace("node1", "node2"),
-        false,
-    );
     everything.wait_topic(&format!("/node1/jobs/{for_node1}/rejected"), REPLY_TIMEOUT);
-    std::thread::sleep(SILENCE);
+    // What orders the checks below: each publish above returned after the
+    // broker's PUBACK, and the broker hands a subscriber its messages in
+    // the order it took them in. So whatever it let through of node1's
+    // publishes reached `everything` before node2's reply to the control,
+    // and node1's job reached the spy before the control did. (node2's
+    // agent, too, would have been handed the forged job before the control;
+    // should the broker leak it, `everything` shows it in any case.)
+    spy.wait_topic(&format!("/node2/jobs/{allowed}"), REPLY_TIMEOUT);
 
     let seen = everything.messages();
     let forged_seen: Vec<_> = seen.iter().filter(|(t, _)| t.contains(&forged)).collect();
@@ -167,15 +143,17 @@ fn node_certificates_are_confined_to_their_own_topics() {
         "node2's agent saw the forged job"
     );
     assert_eq!(
-        status_of(&fleet, "node2")["online"],
+        fleet.node_status("node2")["online"],
         true,
         "node1 overwrote node2's retained status"
     );
-    assert!(
-        spy.messages().is_empty(),
-        "node2 read node1's jobs: {:?}",
-        spy.messages()
-    );
+    let control = format!("{ROOT}/node2/jobs/{allowed}");
+    let spied: Vec<_> = spy
+        .messages()
+        .into_iter()
+        .filter(|(t, _)| *t != control)
+        .collect();
+    assert!(spied.is_empty(), "node2 read node1's jobs: {spied:?}");
     assert!(
         a1.log_text().contains(&for_node1),
         "node1 never got its job"
@@ -191,7 +169,7 @@ fn node_certificates_are_confined_to_their_own_topics() {
 fn broker_refuses_clients_without_a_fleet_certificate() {
     let fleet = SecureFleet::new(Bed::require());
     let _a1 = fleet.start_agent(1);
-    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    let everything = fleet.subscribe(&format!("{ROOT}/#"));
     let job = json!({"action": "migrate", "container": "anything", "target": "node2"}).to_string();
     for who in [Who::NoCert, Who::Rogue("manager"), Who::Rogue("node1")] {
         let id = unique_name("intruder");
@@ -201,7 +179,7 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
             "{who:?} could publish: {}",
             out.stdout
         );
-        let sub = fleet.subscribe_as(who, &format!("{ROOT}/#"));
+        let sub = fleet.subscribe_as(who, &[&format!("{ROOT}/#")]);
         assert!(!sub.subscribed(), "{who:?} could subscribe");
         println!(
             "{who:?}: publish refused ({}), subscribe refused ({})",
@@ -215,7 +193,7 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
             "-h",
             "127.0.0.1",
             "-p",
-            &fleet.port.to_string(),
+            &fleet.broker.port.to_string(),
             "-t",
             &format!("{ROOT}/node1/jobs/plain"),
             "-m",
@@ -227,11 +205,16 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
         plain.map(|o| !o.status.success()).unwrap_or(true),
         "plain MQTT was accepted on the TLS listener"
     );
-    std::thread::sleep(SILENCE);
+    // What orders the check below: a job from the manager, published
+    // after every attempt above ended; the broker hands `everything` its
+    // messages in the order it took them in.
+    let marker = unique_name("marker");
+    fleet.publish(&format!("{ROOT}/node1/jobs/{marker}"), &job, false);
+    everything.wait_topic(&format!("/node1/jobs/{marker}"), REPLY_TIMEOUT);
     let jobs: Vec<_> = everything
         .messages()
         .into_iter()
-        .filter(|(t, _)| t.contains("/jobs/"))
+        .filter(|(t, _)| t.contains("/jobs/") && !t.contains(&marker))
         .collect();
     assert!(jobs.is_empty(), "an intruder's job got through: {jobs:?}");
     let log = fleet.broker_log_text();
@@ -245,7 +228,7 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
 fn oversized_jobs_stop_at_the_broker_or_the_agent() {
     let fleet = SecureFleet::new(Bed::require());
     let mut a1 = fleet.start_agent(1);
-    let everything = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/#"));
+    let everything = fleet.subscribe(&format!("{ROOT}/#"));
     // Over max_packet_size (256 KiB): the broker drops the publisher.
     let big = fleet.dir.join("big.json");
     let filler = "a".repeat(300 * 1024);
@@ -275,7 +258,9 @@ fn oversized_jobs_stop_at_the_broker_or_the_agent() {
     let rejected = everything.wait_topic(&format!("/jobs/{id2}/rejected"), REPLY_TIMEOUT);
     let reason = rejected["reason"].as_str().unwrap_or("");
     assert!(reason.contains("payload too large"), "{rejected}");
-    std::thread::sleep(SILENCE);
+    // The medium job, published after the big one, has come and been
+    // answered: had the broker passed the big one, `everything` would
+    // have it already.
     assert!(
         !everything.messages().iter().any(|(t, _)| t.contains(&id)),
         "the oversized job reached a subscriber"
@@ -285,7 +270,7 @@ fn oversized_jobs_stop_at_the_broker_or_the_agent() {
         "broker log does not show the oversized publish"
     );
     assert!(a1.is_running());
-    assert_eq!(status_of(&fleet, "node1")["online"], true);
+    assert_eq!(fleet.node_status("node1")["online"], true);
     println!("300 KiB job: dropped by the broker; 100 KiB job: rejected by node1: {reason}");
 }
 
@@ -296,12 +281,7 @@ async fn knock(
     addr: SocketAddr,
     prepare: Prepare,
 ) -> Result<ToSource, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = ferry_agent::stream::server_name("node2").map_err(|e| e.to_string())?;
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let mut tls = hostile::connect(config, addr, "node2").await?;
     // In TLS 1.3 the server judges the client's certificate after the
     // client finished its side of the handshake: a refusal shows up as an
     // alert (or a closed socket) on the first read or write.
@@ -335,8 +315,8 @@ fn no_cert_config(ca: &Path) -> Arc<rustls::ClientConfig> {
 fn data_port_refuses_peers_without_a_fleet_certificate() {
     let fleet = SecureFleet::new(Bed::require());
     let mut a2 = fleet.start_agent(2);
-    let addr = data_addr(&fleet, "node2");
-    let target = status_of(&fleet, "node2");
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
     let rt = runtime();
     let fleet_client = |name: &str| {
         ferry_agent::stream::client_config(&fleet.tls_files(name)).expect("client config")
@@ -344,8 +324,8 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
     // Trusts the fleet CA (to check the agent) but holds another CA's cert.
     let rogue_client = ferry_agent::stream::client_config(&ferry_agent::stream::TlsFiles {
         ca: fleet.certs.join("ca.pem"),
-        cert: fleet.rogue.join("node1.pem"),
-        key: fleet.rogue.join("node1.key"),
+        cert: fleet.broker.rogue.join("node1.pem"),
+        key: fleet.broker.rogue.join("node1.key"),
     })
     .expect("rogue client config");
 
@@ -361,6 +341,7 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
     ] {
         let job = unique_name("knock");
         let name = unique_name("knock");
+        fleet.track(&name);
         let answer = rt.block_on(knock(
             config,
             addr,
@@ -378,7 +359,7 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
             }
         }
         assert!(
-            !exists(fleet.node(2), &name),
+            !fleet.node(2).exists(&name),
             "{what}: a container was created"
         );
         jobs.push(job);
@@ -415,84 +396,90 @@ struct Case {
     expect: &'static [&'static str],
 }
 
-fn cases() -> Vec<Case> {
-    let end = [0u8; 1024];
-    let mut cases = Vec::new();
-
-    let mut z = Zstd::new();
-    z.data(&tar_header("core-1.img", b'0', "", 4))
-        .data(b"core")
-        .zeros(508)
-        .data(&tar_header("../../etc/x", b'0', "", 4))
-        .data(b"evil")
-        .zeros(508)
-        .data(&end);
-    let (body, raw) = z.finish();
-    cases.push(Case {
-        what: "a ../../etc/x entry",
-        body,
-        raw,
-        bad_sum: false,
-        expect: &["\"../../etc/x\"", "'..'"],
-    });
-
-    let mut z = Zstd::new();
-    z.data(&tar_header("pages", b'2', "../../../../../../../..", 0))
-        .data(&tar_header("pages/etc/x", b'0', "", 4))
-        .data(b"evil")
-        .zeros(508)
-        .data(&end);
-    let (body, raw) = z.finish();
-    cases.push(Case {
-        what: "an escaping symlink",
-        body,
-        raw,
-        bad_sum: false,
-        expect: &["\"pages\"", "symlink"],
-    });
-
-    let mut z = Zstd::new();
-    z.data(&tar_header("pages-1.img", b'0', "", 10 * GIB))
-        .zeros(10 * GIB)
-        .data(&end);
-    let (body, raw) = z.finish();
-    cases.push(Case {
-        what: "a 10 GiB zero bomb in one file",
-        body,
-        raw,
-        bad_sum: false,
-        expect: &["\"pages-1.img\"", "per-entry limit"],
-    });
-
-    let mut z = Zstd::new();
-    for i in 0..40 {
-        z.data(&tar_header(&format!("pages-{i}.img"), b'0', "", 256 * MIB))
-            .zeros(256 * MIB);
+impl Case {
+    /// A case whose stream is the zstd frame `write` fills in.
+    fn new(
+        what: &'static str,
+        expect: &'static [&'static str],
+        bad_sum: bool,
+        write: impl FnOnce(&mut Zstd),
+    ) -> Case {
+        let mut z = Zstd::new();
+        write(&mut z);
+        let (body, raw) = z.finish();
+        Case {
+            what,
+            body,
+            raw,
+            bad_sum,
+            expect,
+        }
     }
-    z.data(&end);
-    let (body, raw) = z.finish();
-    cases.push(Case {
-        what: "a 10 GiB zero bomb in 40 files",
-        body,
-        raw,
-        bad_sum: false,
-        expect: &["total cap"],
-    });
+}
 
-    let mut z = Zstd::new();
-    z.data(&tar_header("core-1.img", b'0', "", 4))
-        .data(b"core")
-        .zeros(508)
-        .data(&end);
-    let (body, raw) = z.finish();
-    cases.push(Case {
-        what: "a valid archive with a wrong checksum",
-        body,
-        raw,
-        bad_sum: true,
-        expect: &["checksum mismatch"],
-    });
-    cases
+fn cases() -> Vec<Case> {
+    const END: [u8; 1024] = [0; 1024];
+    vec![
+        Case::new(
+            "a ../../etc/x entry",
+            &["\"../../etc/x\"", "'..'"],
+            false,
+            |z| {
+                z.data(&tar_header("core-1.img", b'0', "", 4))
+                    .data(b"core")
+                    .zeros(508)
+                    .data(&tar_header("../../etc/x", b'0', "", 4))
+                    .data(b"evil")
+                    .zeros(508)
+                    .data(&END);
+            },
+        ),
+        Case::new(
+            "an escaping symlink",
+            &["\"pages\"", "symlink"],
+            false,
+            |z| {
+                z.data(&tar_header("pages", b'2', "../../../../../../../..", 0))
+                    .data(&tar_header("pages/etc/x", b'0', "", 4))
+                    .data(b"evil")
+                    .zeros(508)
+                    .data(&END);
+            },
+        ),
+        Case::new(
+            "a 10 GiB zero bomb in one file",
+            &["\"pages-1.img\"", "per-entry limit"],
+            false,
+            |z| {
+                z.data(&tar_header("pages-1.img", b'0', "", 10 * GIB))
+                    .zeros(10 * GIB)
+                    .data(&END);
+            },
+        ),
+        Case::new(
+            "a 10 GiB zero bomb in 40 files",
+            &["total cap"],
+            false,
+            |z| {
+                for i in 0..40 {
+                    z.data(&tar_header(&format!("pages-{i}.img"), b'0', "", 256 * MIB))
+                        .zeros(256 * MIB);
+                }
+                z.data(&END);
+            },
+        ),
+        Case::new(
+            "a valid archive with a wrong checksum",
+            &["checksum mismatch"],
+            true,
+            |z| {
+                z.data(&tar_header("core-1.img", b'0', "", 4))
+                    .data(b"core")
+                    .zeros(508)
+                    .data(&END);
+            },
+        ),
+    ]
 }
 
 #[test]
@@ -500,8 +487,8 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
     let fleet = SecureFleet::new(Bed::require());
     let mut a2 = fleet.start_agent(2);
     let n2 = fleet.node(2);
-    let addr = data_addr(&fleet, "node2");
-    let target = status_of(&fleet, "node2");
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
     let config =
         ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
     let rt = runtime();
@@ -514,6 +501,7 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
     for case in cases() {
         let job = unique_name("hostile");
         let name = unique_name("hostile");
+        fleet.track(&name);
         let p = prepare(&target, &job, "node1", "node2", &name);
         let header = TransferHeader {
             job_id: job.clone(),
@@ -524,12 +512,9 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
         };
         let bad_sum = case.bad_sum.then_some([0x5a; 32]);
         let outcome = rt.block_on(async {
-            let tcp = TcpStream::connect(addr).await.expect("connect");
-            let name = ferry_agent::stream::server_name("node2").unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
+            let mut tls = hostile::connect(config.clone(), addr, "node2")
                 .await
-                .expect("handshake with a valid node certificate");
+                .expect("a valid node certificate gets in");
             hostile::transfer(&mut tls, p, &header, &case.body, case.raw, bad_sum).await
         });
         let Outcome::Final(verdict) = &outcome else {
@@ -556,7 +541,7 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
         );
         // What the target created for the job is gone again, and nothing
         // was written outside its staging folder.
-        assert!(!exists(n2, &name), "{}: container left behind", case.what);
+        assert!(!n2.exists(&name), "{}: container left behind", case.what);
         assert!(
             !a2.work.join("staging").join(&job).exists(),
             "{}: staging folder left behind",
@@ -586,6 +571,7 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
     // A stream whose header names another job than the one prepared.
     let job = unique_name("hostile");
     let name = unique_name("hostile");
+    fleet.track(&name);
     let p = prepare(&target, &job, "node1", "node2", &name);
     let header = TransferHeader {
         job_id: unique_name("other"),
@@ -595,12 +581,9 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
         checkpoint: p.checkpoint.clone(),
     };
     let outcome = rt.block_on(async {
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let sn = ferry_agent::stream::server_name("node2").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
-            .connect(sn, tcp)
+        let mut tls = hostile::connect(config.clone(), addr, "node2")
             .await
-            .expect("handshake");
+            .expect("a valid node certificate gets in");
         hostile::transfer(&mut tls, p, &header, &[], 0, None).await
     });
     assert!(
@@ -610,7 +593,7 @@ fn hostile_archives_are_rejected_by_a_real_agent() {
     let status = fleet.final_status("node2", &job, REPLY_TIMEOUT);
     assert_eq!(status["state"], "failed", "{status}");
     assert!(
-        !exists(n2, &name),
+        !n2.exists(&name),
         "container left behind after a refused header"
     );
     println!("a header for another job than the prepared one: {outcome:?}");
@@ -624,7 +607,7 @@ const FLIP_AT: u64 = 10 * 1024;
 #[test]
 fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
     let fleet = SecureFleet::new(Bed::require());
-    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let n2 = fleet.node(2);
     // node2 listens on a port of its own and advertises the relay's.
     let listen = TcpListener::bind(SocketAddr::new(n2.addr.into(), 0))
         .and_then(|l| l.local_addr())
@@ -633,24 +616,18 @@ fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
         TcpListener::bind(SocketAddr::new(n2.addr.into(), 0)).expect("relay listener");
     let relay = FlipRelay::start(relay_socket, listen, FLIP_AT);
     let _a1 = fleet.start_agent(1);
-    let _a2 = fleet.start_agent_with(2, Some(listen), Some(relay.addr));
-    assert_eq!(data_addr(&fleet, "node2"), relay.addr);
-
-    let name = unique_name("counter");
-    let _cleanup = Cleanup(vec![n1.clone(), n2.clone()], name.clone());
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
-    let job = unique_name("job");
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2"}),
+    let _a2 = fleet.start_agent_with(
+        2,
+        AgentOptions {
+            listen: Some(listen),
+            advertise: Some(relay.addr),
+            ..AgentOptions::default()
+        },
     );
+    assert_eq!(fleet.data_addr("node2"), relay.addr);
+
+    let source = fleet.start_counter(1);
+    let job = fleet.send_migrate(&source, 2, None);
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     let (up, down) = (
         relay.up.load(Ordering::Relaxed),
@@ -664,30 +641,8 @@ fn flipped_byte_rolls_back_and_the_workload_keeps_running() {
         relay.flipped.load(Ordering::Relaxed),
         "the stream was shorter than {FLIP_AT} bytes"
     );
-    assert_eq!(status["state"], "rolled_back", "final status: {status}");
-    assert!(
-        status["timings_ms"]["checkpoint"].as_u64().is_some(),
-        "the flip hit before the checkpoint: {status}"
-    );
-    let error = status["error"].as_str().unwrap_or("");
-    assert!(
-        error.contains("transfer"),
-        "error should name the transfer: {error}"
-    );
-    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
-    assert_eq!(
-        target_view["state"], "failed",
-        "target's status: {target_view}"
-    );
-
     // Exactly one node runs it: the source, counting on without a gap.
-    assert!(!exists(n2, &name), "{name} was left behind on node2");
-    let values = counter_went_on_at_source(&source, &status);
-    println!(
-        "rolled back: counter on node1 went on to {} with no gap; source error: {error}; target error: {}",
-        values.last().unwrap(),
-        target_view["error"]
-    );
+    fleet.assert_rolled_back(&source, 2, &job, &status, "transfer");
 }
 
 #[test]
@@ -695,48 +650,8 @@ fn counter_migrates_with_everything_on_tls() {
     let fleet = SecureFleet::new(Bed::require());
     let a1 = fleet.start_agent(1);
     let a2 = fleet.start_agent(2);
-    let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let name = unique_name("counter");
-    let _cleanup = Cleanup(vec![n1.clone(), n2.clone()], name.clone());
-    let source = n1.run(&name, COUNTER_IMAGE, &[]);
-    wait_for("counter printing", Duration::from_secs(20), || {
-        let v = counter_values(&source.logs());
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
-
-    let job = unique_name("job");
-    let replies = fleet.subscribe_as(Who::Fleet("manager"), &format!("{ROOT}/node1/jobs/{job}/#"));
-    let source_logs = LastLogs::follow(n1, &name);
-    fleet.send_job(
-        "node1",
-        &job,
-        &json!({"action": "migrate", "container": name, "target": "node2"}),
-    );
-    let accepted = replies.wait_topic(&format!("/jobs/{job}/accepted"), REPLY_TIMEOUT);
-    assert_eq!(accepted["job_id"], job.as_str());
-    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
-    assert_eq!(status["state"], "succeeded", "final status: {status}");
-    for phase in ["precheck", "checkpoint", "transfer", "restore", "cleanup"] {
-        assert!(
-            status["timings_ms"][phase].as_u64().is_some(),
-            "no timing for {phase}: {status}"
-        );
-    }
-    let target_view = fleet.final_status("node2", &job, REPLY_TIMEOUT);
-    assert_eq!(
-        target_view["state"], "succeeded",
-        "target's status: {target_view}"
-    );
-
-    let before = counter_values(&source_logs.finish());
-    assert!(!exists(n1, &name), "{name} still exists on node1");
-    wait_for("counter on node2", Duration::from_secs(20), || {
-        let after = counter_values(&n2.logs(&name));
-        check_counter_resumed(&before, &after, 5)
-    });
-    assert!(n2.is_running(&name));
+    let source = fleet.start_counter(1);
+    fleet.migrate_counter(&source, 2, None);
 
     // Nothing ran in the clear: no --insecure, and the broker saw each
     // agent under its certificate's name.
@@ -751,32 +666,15 @@ fn counter_migrates_with_everything_on_tls() {
             "broker log lacks {node}'s certificate login:\n{log}"
         );
     }
-    println!(
-        "counter over mqtts + mutual TLS: node1 stopped at {}, node2 went on; timings {}",
-        before.last().unwrap(),
-        status["timings_ms"]
-    );
+    println!("the counter went over mqtts and a mutual TLS data port");
 }
 
 #[test]
 fn an_agent_refuses_to_start_with_another_nodes_certificate() {
     let fleet = SecureFleet::new(Bed::require());
-    let n1 = fleet.node(1);
     let theirs = fleet.tls_files("node2");
     let out = ferry_tests::run_with_timeout(
-        std::process::Command::new(ferry_tests::fleet::ferry_bin())
-            .arg("agent")
-            .args(["--node-id", "node1", "--mqtt", &fleet.mqtt_url()])
-            .args(["--docker", &n1.docker_host])
-            .args(["--listen", &format!("{}:0", n1.addr)])
-            .arg("--work-dir")
-            .arg(fleet.dir.join("wrong-cert-work"))
-            .arg("--tls-ca")
-            .arg(&theirs.ca)
-            .arg("--tls-cert")
-            .arg(&theirs.cert)
-            .arg("--tls-key")
-            .arg(&theirs.key),
+        &mut fleet.agent_command(1, &theirs, AgentOptions::default()),
         Duration::from_secs(60),
     )
     .expect("run ferry agent");
@@ -794,7 +692,7 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     use std::io::Read;
     let fleet = SecureFleet::new(Bed::require());
     let mut a2 = fleet.start_agent(2);
-    let addr = data_addr(&fleet, "node2");
+    let addr = fleet.data_addr("node2");
     let open = |n: usize| -> Vec<std::net::TcpStream> {
         (0..n)
             .map(|_| std::net::TcpStream::connect(addr).expect("connect to the data port"))
@@ -835,7 +733,7 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     drop(flood);
 
     // Once they are gone, a real peer gets in again.
-    let target = status_of(&fleet, "node2");
+    let target = fleet.node_status("node2");
     let config =
         ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
     let answer = runtime().block_on(knock(
@@ -855,8 +753,12 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     );
 
     // A silent connection open during SIGTERM does not hold up the drain.
-    let _silent = open(1);
-    std::thread::sleep(Duration::from_millis(200));
+    let silent = open(1);
+    wait_for(
+        "node2's agent to accept the silent connection",
+        REPLY_TIMEOUT,
+        || accepted_by(a2.pid(), &silent[0]),
+    );
     let stop = std::time::Instant::now();
     let code = a2.terminate();
     let took = stop.elapsed();
@@ -873,4 +775,38 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
             .take(2)
             .collect::<Vec<_>>()
     );
+}
+
+/// Whether process `pid` holds the server side of `client`'s connection,
+/// i.e. has accepted it (a connection still in the listen backlog has no
+/// socket inode yet). Reads /proc/net/tcp and /proc/PID/fd.
+fn accepted_by(pid: u32, client: &std::net::TcpStream) -> Result<(), String> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("the bed's nodes have IPv4 addresses"),
+    };
+    let (server, peer) = (
+        hex(client.peer_addr().map_err(|e| e.to_string())?),
+        hex(client.local_addr().map_err(|e| e.to_string())?),
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").map_err(|e| e.to_string())?;
+    let inode = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == server && f[2] == peer)
+        .map(|f| f[9].to_string())
+        .ok_or(format!(
+            "no server side {server} <- {peer} in /proc/net/tcp"
+        ))?;
+    let socket = format!("socket:[{inode}]");
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == socket.as_str()));
+    held.then_some(())
+        .ok_or(format!("inode {inode} is not among pid {pid}'s files yet"))
 }

@@ -9,8 +9,9 @@
 //! Everything here talks to the real daemons through Debian's docker client;
 //! nothing is faked.
 
+pub mod broker;
 pub mod fleet;
-pub mod secure;
+pub mod hostile;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +21,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -302,10 +304,16 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<CmdO
 impl Node {
     /// `docker -H <this node> ARGS`, whatever its exit status.
     pub fn docker(&self, args: &[&str]) -> CmdOutput {
+        self.try_docker(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Same, but a client that cannot run or does not answer is an error
+    /// rather than a panic: for `Drop`, which may run while unwinding.
+    pub fn try_docker(&self, args: &[&str]) -> Result<CmdOutput, String> {
         let mut cmd = Command::new(&self.docker);
         cmd.arg("-H").arg(&self.docker_host).args(args);
-        run_with_timeout(&mut cmd, DOCKER_TIMEOUT).unwrap_or_else(|e| {
-            panic!(
+        run_with_timeout(&mut cmd, DOCKER_TIMEOUT).map_err(|e| {
+            format!(
                 "{}: running {} -H {} {}: {e}",
                 self.name,
                 self.docker.display(),
@@ -313,6 +321,26 @@ impl Node {
                 args.join(" ")
             )
         })
+    }
+
+    /// `docker rm -f NAME_OR_ID`; a container that is not there (a
+    /// migration moved it, a test removed it) is not an error.
+    pub fn remove(&self, container: &str) -> Result<(), String> {
+        let out = self.try_docker(&["rm", "-f", container])?;
+        if out.status.success() || out.stderr.contains("No such container") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: could not remove container {container}: {}",
+                self.name,
+                out.stderr.trim()
+            ))
+        }
+    }
+
+    /// Whether a container of that name or id exists on this node.
+    pub fn exists(&self, container: &str) -> bool {
+        self.docker(&["inspect", container]).status.success()
     }
 
     /// `docker -H <this node> ARGS`, which must succeed; returns its stdout.
@@ -414,15 +442,54 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let out = self.node.docker(&["rm", "-f", &self.id]);
-        if !out.status.success() {
-            eprintln!(
-                "{}: could not remove container {} ({}): {}",
-                self.node.name,
-                self.name,
-                self.id,
-                out.stderr.trim()
-            );
+        if let Err(e) = self.node.remove(&self.id) {
+            eprintln!("{e} ({})", self.name);
+        }
+    }
+}
+
+/// Names of the containers a test created, or had an agent create for it:
+/// removed from every node when dropped, also when the test fails (a
+/// migrated container keeps its name on the target). A container that
+/// cannot be removed fails the test, or is reported when it already failed.
+pub struct Containers {
+    nodes: Vec<Node>,
+    names: Mutex<Vec<String>>,
+}
+
+impl Containers {
+    pub fn new(nodes: &[Node]) -> Containers {
+        Containers {
+            nodes: nodes.to_vec(),
+            names: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Removes `name` from every node when `self` is dropped.
+    pub fn track(&self, name: &str) {
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let names = std::mem::take(self.names.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let left: Vec<String> = names
+            .iter()
+            .flat_map(|name| self.nodes.iter().map(move |node| node.remove(name)))
+            .filter_map(Result::err)
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let text = format!("containers left behind:\n{}", left.join("\n"));
+        if thread::panicking() {
+            eprintln!("{text}");
+        } else {
+            panic!("{text}");
         }
     }
 }
@@ -483,6 +550,11 @@ pub fn copy_dir(src: &Path, dst: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The values a `counter` printed, in order; the test fails on anything else.
+pub fn counter_values(logs: &str) -> Vec<u64> {
+    parse_counter(logs).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The values a `counter` printed, in order.
@@ -547,6 +619,18 @@ pub struct MemhogLog {
     pub ticks: Vec<(u64, String)>,
     /// `mismatch at page P`
     pub mismatch: Option<u64>,
+}
+
+/// Waits until `memhog` has filled its memory; returns the checksum it printed.
+pub fn memhog_ready(memhog: &Container) -> String {
+    wait_for(
+        &format!("{} ready on {}", memhog.name, memhog.node.name),
+        Duration::from_secs(60),
+        || {
+            let log = parse_memhog(&memhog.logs())?;
+            log.ready.map(|(_, sum)| sum).ok_or("not ready".to_string())
+        },
+    )
 }
 
 pub fn parse_memhog(logs: &str) -> Result<MemhogLog, String> {
@@ -676,10 +760,5 @@ FERRY_NODE2_DIR=/tmp/ferry-bed/node2
         assert_eq!(log.ready, Some((64, "d0b3".into())));
         assert_eq!(log.ticks, vec![(1, "d0b3".into())]);
         assert_eq!(log.mismatch, Some(9));
-    }
-
-    #[test]
-    fn unique_names_differ() {
-        assert_ne!(unique_name("x"), unique_name("x"));
     }
 }

@@ -45,6 +45,11 @@ impl Docker {
         &self.socket
     }
 
+    /// The bollard client, for the state-transfer calls in sibling modules.
+    pub(super) fn api(&self) -> &bollard::Docker {
+        &self.api
+    }
+
     /// `POST /containers/{id}/start?checkpoint=NAME`: bollard's start options
     /// have no checkpoint field, so this request is written by hand.
     async fn start_with_checkpoint(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
@@ -93,7 +98,7 @@ fn engine_message(body: &str) -> String {
         .unwrap_or_else(|| body.trim().chars().take(300).collect())
 }
 
-fn engine_err(
+pub(super) fn engine_err(
     call: &'static str,
     subject: &str,
 ) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {

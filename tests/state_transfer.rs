@@ -181,6 +181,9 @@ fn files_volumes_and_image_move_with_a_checkpoint() {
     let dir = rt
         .block_on(d1.checkpoint(&container.id, checkpoint))
         .unwrap();
+    let estimate = rt
+        .block_on(StateEngine::estimate_state_bytes(&d1, &container.id, &plan))
+        .unwrap();
     let pack = rt
         .block_on(d1.pack_state(&container.id, &plan, &dir))
         .unwrap();
@@ -196,6 +199,11 @@ fn files_volumes_and_image_move_with_a_checkpoint() {
             .collect::<Vec<_>>(),
         pack.bytes(),
         pack.elapsed.as_secs_f64()
+    );
+    assert!(
+        estimate >= pack.bytes(),
+        "estimate {estimate} B < packed {} B",
+        pack.bytes()
     );
     assert_eq!(pack.rootfs.whiteouts, 1, "{:?}", pack.rootfs);
     assert_eq!(pack.rootfs.opaque_dirs, 1, "{:?}", pack.rootfs);

@@ -83,13 +83,15 @@ pub fn check_mounts(
     for m in host.mounts.iter().flatten() {
         let target = m.target.as_deref().unwrap_or("?");
         match m.typ {
-            Some(MountType::BIND) if !present => return refuse(
-                "HostConfig.Mounts",
-                format!(
+            Some(MountType::BIND) if !present => {
+                return refuse(
+                    "HostConfig.Mounts",
+                    format!(
                     "bind mount of {} at {target} needs that path on the target; {PRESENT_HINT}",
                     m.source.as_deref().unwrap_or("?")
                 ),
-            ),
+                )
+            }
             Some(MountType::BIND | MountType::VOLUME | MountType::TMPFS) | None => {}
             Some(other) => {
                 return refuse(

@@ -132,6 +132,32 @@ pub fn pack_tree(dir: &Path, kind: TreeKind, out: impl Write) -> Result<PackStat
     Ok(stats)
 }
 
+/// About the tar bytes [`pack_tree`] would write for `dir` now (each entry's
+/// data rounded up to tar blocks, plus headers): what the source announces
+/// before the checkpoint so the target's size caps leave room for it.
+/// Symlinks are not followed; unreadable entries count as nothing.
+pub fn tree_tar_estimate(dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut total = 0u64;
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            // Header, and a long-name or pax header to be safe.
+            total += 1024;
+            if meta.is_dir() {
+                total += walk(&entry.path());
+            } else if meta.is_file() {
+                total += meta.len().div_ceil(512) * 512;
+            }
+        }
+        total
+    }
+    // The root entry and the end-of-archive blocks.
+    2048 + walk(dir)
+}
+
 struct Packer<'a, W: Write> {
     builder: tar::Builder<Counting<W>>,
     root: &'a Path,
@@ -921,6 +947,20 @@ mod xattr {
 }
 
 impl super::Docker {
+    /// About the tar bytes of the container's layer and copied volumes
+    /// ([`tree_tar_estimate`]), for the size the source announces.
+    pub async fn estimate_state_bytes(
+        &self,
+        id: &str,
+        volumes: &[super::volumes::VolumeSpec],
+    ) -> Result<u64, StateError> {
+        let mut dirs = vec![self.upper_dir(id).await?];
+        for v in volumes.iter().filter(|v| v.copy) {
+            dirs.push(self.volume_dir(&v.name).await?);
+        }
+        super::volumes::blocking(move || Ok(dirs.iter().map(|d| tree_tar_estimate(d)).sum())).await
+    }
+
     /// The container's writable layer: overlay2's `UpperDir`.
     pub async fn upper_dir(&self, id: &str) -> Result<PathBuf, StateError> {
         let c = self
@@ -1173,6 +1213,26 @@ mod tests {
         assert_eq!(describe_tree(dest.path()), describe_tree(src.path()));
         // overlayfs bookkeeping stays behind.
         assert!(xattr::list(&dest.join("etc")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_estimate_covers_the_tar() {
+        let src = TempDir::new("estimate");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/b/f"), noise(70_001, 4)).unwrap();
+        fs::write(src.join("n".repeat(200)), b"x").unwrap();
+        symlink("a", src.join("l")).unwrap();
+        let (tar_bytes, _) = pack_to_vec(src.path(), TreeKind::Volume).unwrap();
+        let estimate = tree_tar_estimate(src.path());
+        assert!(
+            estimate >= tar_bytes.len() as u64,
+            "{estimate} < {}",
+            tar_bytes.len()
+        );
+        assert!(
+            estimate < tar_bytes.len() as u64 + 8192,
+            "{estimate} is far off"
+        );
     }
 
     #[test]

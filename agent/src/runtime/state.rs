@@ -119,6 +119,16 @@ pub trait StateEngine: Send + Sync {
         bind_mounts: BindMounts,
     ) -> impl Future<Output = Result<StatePlan, StateError>> + Send;
 
+    /// Source, precheck: about the bytes [`StateEngine::pack_state`] will
+    /// add to the checkpoint folder (the container's layer and copied
+    /// volumes as they are now); add it to the announced estimate so the
+    /// target's unpack limits leave room.
+    fn estimate_state_bytes(
+        &self,
+        id: &str,
+        plan: &StatePlan,
+    ) -> impl Future<Output = Result<u64, StateError>> + Send;
+
     /// Source, right before the checkpoint: sets the restart policy to `no`
     /// so the engine cannot start the checkpointed original again; returns
     /// the policy it had.
@@ -248,6 +258,10 @@ impl StateEngine for super::Docker {
                 .and_then(|h| h.restart_policy)
                 .unwrap_or_else(super::policy::no_restart),
         })
+    }
+
+    async fn estimate_state_bytes(&self, id: &str, plan: &StatePlan) -> Result<u64, StateError> {
+        super::Docker::estimate_state_bytes(self, id, &plan.volumes).await
     }
 
     async fn pause_restart_policy(&self, id: &str) -> Result<RestartPolicy, StateError> {

@@ -183,6 +183,11 @@ impl Docker {
         Ok(volume_specs(&c, &volumes))
     }
 
+    /// A local volume's folder on this node.
+    pub async fn volume_dir(&self, name: &str) -> Result<PathBuf, StateError> {
+        self.mountpoint(name).await
+    }
+
     async fn mountpoint(&self, name: &str) -> Result<PathBuf, StateError> {
         let v = self
             .api()

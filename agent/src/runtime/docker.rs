@@ -40,6 +40,11 @@ impl Docker {
         Ok(Self { api })
     }
 
+    /// The bollard client, for the state-transfer calls in sibling modules.
+    pub(super) fn api(&self) -> &bollard::Docker {
+        &self.api
+    }
+
     /// `POST /containers/{id}/start?checkpoint=NAME`. bollard 0.21's start
     /// options have no checkpoint field, so this one call goes through a
     /// copy of the client whose request modifier adds the query parameter;
@@ -86,7 +91,7 @@ fn with_checkpoint(mut req: BollardRequest, checkpoint: &str) -> BollardRequest 
     req
 }
 
-fn engine_err(
+pub(super) fn engine_err(
     call: &'static str,
     subject: &str,
 ) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {

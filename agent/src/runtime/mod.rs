@@ -3,6 +3,12 @@
 //! Docker daemon.
 
 mod docker;
+pub mod images;
+pub mod mounts;
+pub mod policy;
+pub mod rootfs;
+pub mod state;
+pub mod volumes;
 
 use std::future::Future;
 use std::path::PathBuf;

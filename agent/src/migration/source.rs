@@ -96,25 +96,22 @@ impl<E: Engine> Driver<'_, E> {
         let result = match step {
             Step::Precheck => self.precheck().await,
             Step::PrepareTarget => tokio::select! {
+                biased;
+                _ = gate.canceled() => return Outcome::Canceled,
                 r = self.prepare_target() => r,
-                _ = gate.canceled() => return Outcome::Canceled,
             },
-            Step::Checkpoint => {
-                // Not interruptible: the engine finishes the call regardless.
-                let r = self.checkpoint().await;
-                if r.is_ok() && gate.is_canceled() {
-                    return Outcome::Canceled;
-                }
-                r
-            }
+            // Not interruptible: the engine finishes the call regardless.
+            Step::Checkpoint => self.checkpoint().await,
             Step::Transfer => tokio::select! {
-                r = self.transfer(machine) => r,
+                biased;
                 _ = gate.canceled() => return Outcome::Canceled,
+                r = self.transfer(machine) => r,
             },
             Step::AwaitRestore => {
                 let r = tokio::select! {
-                    r = self.await_restore() => r,
+                    biased;
                     _ = gate.canceled() => return Outcome::Canceled,
+                    r = self.await_restore() => r,
                 };
                 // The point of no return, unless a cancel got there first.
                 if r.is_ok() && !gate.try_commit() {
@@ -131,8 +128,14 @@ impl<E: Engine> Driver<'_, E> {
             Step::RollBack => self.roll_back().await,
             Step::Finish => Ok(()),
         };
+        // A cancel that arrived while a step before the commit ran is
+        // honoured as soon as the step returns.
+        let cancelable = matches!(
+            step,
+            Step::Precheck | Step::PrepareTarget | Step::Checkpoint | Step::Transfer
+        );
         match result {
-            Ok(()) if step == Step::Precheck && gate.is_canceled() => Outcome::Canceled,
+            Ok(()) if cancelable && gate.is_canceled() => Outcome::Canceled,
             Ok(()) => Outcome::Done,
             Err(reason) => Outcome::Failed(reason),
         }

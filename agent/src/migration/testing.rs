@@ -293,132 +293,127 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
     assert_eq!(seen, [Precheck, Checkpoint, Transfer, Restore, Cleanup]);
 }
 
+/// Every failure injected at every step before the target confirms: the
+/// job ends `failed` with the container untouched before the checkpoint,
+/// `rolled_back` with the original running again after it; the target
+/// keeps nothing either way.
 #[tokio::test]
-async fn a_failure_before_the_checkpoint_leaves_the_container_untouched() {
+async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() {
+    use JobState::{Failed, RolledBack};
     type Setup = fn(&Pair);
-    let cases: [(&str, Peer, Setup, &str); 7] = [
+    let cases: [(&str, Peer, Setup, JobState, &str); 13] = [
         (
             "source inspect",
             Peer::Target,
             |p| p.a.engine.fail("inspect"),
+            Failed,
             "precheck: cannot inspect container web",
         ),
         (
             "target offline",
             Peer::Target,
             |p| p.a.peers.update("b", NodeStatus::default()),
+            Failed,
             "precheck: target node b is offline",
         ),
         (
             "other arch",
             Peer::Target,
             |p| p.a.peers.update("b", online("aarch64")),
+            Failed,
             "engine arch differs",
         ),
         (
             "target image",
             Peer::Target,
             |p| p.b.engine.fail("image_exists"),
+            Failed,
             "target b refused: cannot check image",
         ),
         (
             "target create",
             Peer::Target,
             |p| p.b.engine.fail("create"),
+            Failed,
             "target b refused: cannot create container web on b",
         ),
         (
             "refused",
             Peer::Scripted(Stop::Refuse),
             |_| {},
+            Failed,
             "target b refused: no room for it",
         ),
         (
             "no answer",
             Peer::Scripted(Stop::CloseBeforeAnswering),
             |_| {},
+            Failed,
             "prepare on b: peer closed",
         ),
-    ];
-    for (what, peer, setup, error) in cases {
-        let p = Pair::new(peer);
-        setup(&p);
-        let (state, got) = state_and_error(&p.migrate().await);
-        assert_eq!(state, JobState::Failed, "{what}: {got}");
-        assert!(got.contains(error), "{what}: {got:?} lacks {error:?}");
-        assert_eq!(
-            p.a.engine.running(NAME),
-            Some(true),
-            "{what}: container touched"
-        );
-        assert!(!p.a.engine.calls().contains(&"checkpoint"), "{what}");
-        assert_eq!(p.b.engine.running(NAME), None, "{what}: left on the target");
-        if !p.b_statuses.all().is_empty() {
-            let b = p.b_statuses.final_of("j1").await;
-            assert_eq!(b.state, JobState::Failed, "{what}: target {b:?}");
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_failure_after_the_checkpoint_rolls_back_and_the_target_removes_its_copy() {
-    type Setup = fn(&Pair);
-    let cases: [(&str, Peer, Setup, &str); 6] = [
         (
             "checkpoint",
             Peer::Target,
             |p| p.a.engine.fail_checkpoint_after_stopping(),
+            RolledBack,
             "checkpoint: engine call checkpoint",
         ),
         (
             "source images",
             Peer::Target,
             |p| p.a.engine.fail("checkpoint_dir"),
+            RolledBack,
             "transfer: engine call checkpoint_dir",
         ),
         (
             "target placing images",
             Peer::Target,
             |p| p.b.engine.fail("checkpoint_dir"),
+            RolledBack,
             "restore on target failed: restore: engine call checkpoint_dir",
         ),
         (
             "target restore",
             Peer::Target,
             |p| p.b.engine.fail("restore"),
+            RolledBack,
             "restore on target failed: restore on b:",
         ),
         (
             "lost after prepared",
             Peer::Scripted(Stop::CloseAfterPrepared),
             |_| {},
+            RolledBack,
             "transfer to b:",
         ),
         (
             "target says failed",
             Peer::Scripted(Stop::FailRestore),
             |_| {},
+            RolledBack,
             "restore on target failed: restore exploded",
         ),
     ];
-    for (what, peer, setup, error) in cases {
+    for (what, peer, setup, end, error) in cases {
         let p = Pair::new(peer);
         setup(&p);
         let (state, got) = state_and_error(&p.migrate().await);
-        assert_eq!(state, JobState::RolledBack, "{what}: {got}");
+        assert_eq!(state, end, "{what}: {got}");
         assert!(got.contains(error), "{what}: {got:?} lacks {error:?}");
         assert_eq!(
             p.a.engine.running(NAME),
             Some(true),
             "{what}: not running on the source"
         );
+        let checkpointed = p.a.engine.calls().contains(&"checkpoint");
+        assert_eq!(checkpointed, end == RolledBack, "{what}");
         assert!(
             !p.a.engine.has_checkpoint(NAME, &checkpoint_name("j1")),
             "{what}: checkpoint left"
         );
         if !p.b_statuses.all().is_empty() {
             let b = p.b_statuses.final_of("j1").await;
-            assert_eq!(b.state, JobState::Failed, "{what}: target {b:?}");
+            assert_eq!(b.state, Failed, "{what}: target {b:?}");
             assert!(!p.b.work_dir.join("staging").join("j1").exists(), "{what}");
         }
         assert_eq!(p.b.engine.running(NAME), None, "{what}: left on the target");

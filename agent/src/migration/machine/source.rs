@@ -206,31 +206,23 @@ mod tests {
     }
 
     #[test]
-    fn failure_before_checkpoint_aborts_without_rollback() {
-        for failing in [Step::Precheck, Step::PrepareTarget] {
+    fn a_failure_aborts_before_the_checkpoint_and_rolls_back_after_it() {
+        use Step::*;
+        for (failing, undo, end) in [
+            (Precheck, Abort, JobState::Failed),
+            (PrepareTarget, Abort, JobState::Failed),
+            (Checkpoint, RollBack, JobState::RolledBack),
+            (Transfer, RollBack, JobState::RolledBack),
+            (AwaitRestore, RollBack, JobState::RolledBack),
+        ] {
             let mut m = machine();
             run_to(&mut m, failing);
-            assert_eq!(m.on(failed("no image"), 1_200), Step::Abort);
-            assert_eq!(m.on(Outcome::Done, 1_300), Step::Finish);
-            assert_eq!(m.status().state, JobState::Failed);
+            assert_eq!(m.on(failed("no image"), 2_100), undo, "{failing:?}");
+            assert_eq!(m.on(Outcome::Done, 2_200), Finish);
+            assert_eq!(m.status().state, end, "{failing:?}");
             assert_eq!(
                 m.status().error.as_deref(),
                 Some("restore on target failed: no image")
-            );
-        }
-    }
-
-    #[test]
-    fn failure_after_checkpoint_rolls_back() {
-        for failing_step in [Step::Checkpoint, Step::Transfer, Step::AwaitRestore] {
-            let mut m = machine();
-            run_to(&mut m, failing_step);
-            assert_eq!(m.on(failed("b"), 2_100), Step::RollBack);
-            assert_eq!(m.on(Outcome::Done, 2_200), Step::Finish);
-            assert_eq!(m.status().state, JobState::RolledBack);
-            assert_eq!(
-                m.status().error.as_deref(),
-                Some("restore on target failed: b")
             );
         }
     }

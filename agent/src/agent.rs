@@ -1,24 +1,31 @@
-//! `ferry agent`: the service that runs on every device. One task owns the
-//! MQTT connection, one the data port; each job runs in its own task, and
-//! this loop routes orders between them.
+//! `ferry agent`: the service that runs on every device. [`run`] is its
+//! life in three parts: start-up (engine, work dir, TLS, data port, broker),
+//! serve (the main loop: routes MQTT orders to jobs, keeps the node status
+//! current, pings the watchdog) and drain (no new work, running jobs end or
+//! roll back, then offline). One task owns the MQTT connection, one the data
+//! port; each job runs in its own task.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::fmt::Display;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::AgentConfig;
 use crate::migration::source::{self, MigrateJob};
-use crate::migration::{now_ms, target, JobHandle, Node};
-use crate::mqtt::contract::{
-    self, Accepted, JobRequest, NodeStatus, RateSpec, Rejected, TopicKind,
+use crate::migration::{
+    check, now_ms, target, JobGuard, JobRegistry, MigrationError, MqttReporter, Node, Peers,
+    RegisterError, TcpDialer, Timeouts,
 };
-use crate::mqtt::JobLedger;
-use crate::mqtt::{self, ClientSettings, Inbound};
+use crate::mqtt::contract::{
+    self, Accepted, JobRequest, NodeStatus, RateSpec, Rejected, Role, TopicKind, Topics,
+};
+use crate::mqtt::{self, ClientSettings, Inbound, JobLedger, MqttHandle};
 use crate::runtime::{Docker, Engine};
 use crate::stream::ratelimit::parse_rate;
 
@@ -31,11 +38,15 @@ const PEER_STATUS_WAIT: Duration = Duration::from_secs(3);
 /// After the drain deadline cancels running jobs, how long their rollback
 /// may take before the agent exits anyway.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(25);
+/// How long the broker connection gets to say goodbye.
+const MQTT_GOODBYE: Duration = Duration::from_secs(5);
+/// The job ids seen before, under the work dir.
+const LEDGER_FILE: &str = "jobs-seen";
 
+/// What only the agent itself can fail at; the modules' own errors join
+/// these in [`crate::Error`].
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
     #[error("cannot use work dir {path}: {source}")]
     WorkDir {
         path: std::path::PathBuf,
@@ -48,25 +59,327 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("tls: {0}")]
-    Tls(String),
-    #[error("mqtt: {0}")]
-    Mqtt(String),
+    #[error("mqtt: the broker connection task ended")]
+    BrokerTaskEnded,
 }
 
 /// Runs the agent until `shutdown` fires, then drains: no new jobs, running
 /// ones finish or roll back within the configured deadline.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let engine = Docker::connect(&config.docker).await?;
-    let engine_info = engine.info().await?;
-    let criu = crate::sysinfo::criu_status();
-    if let Err(why) = &criu {
-        warn!(%why, "CRIU does not work here: this node can neither send nor receive migrations");
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), crate::Error> {
+    let mut agent = Agent::start(&config).await?;
+    let served = agent.serve(&shutdown).await;
+    agent.drain(config.drain_timeout).await;
+    Ok(served?)
+}
+
+/// A running agent: what the main loop and the drain work with.
+struct Agent {
+    node: Arc<Node<Docker>>,
+    replies: Replies,
+    inbound: mpsc::Receiver<Inbound>,
+    mqtt_stop: CancellationToken,
+    mqtt_task: JoinHandle<()>,
+    ledger: JobLedger,
+    /// Every job task and data connection, waited for by the drain.
+    tasks: TaskTracker,
+    accept_stop: CancellationToken,
+    advertise: String,
+    service: crate::systemd::Service,
+    /// A job task registered or ended: the job count changed.
+    jobs_changed: (mpsc::Sender<()>, mpsc::Receiver<()>),
+}
+
+/// The broker connection and the job replies a node publishes.
+#[derive(Clone)]
+struct Replies {
+    node: String,
+    mqtt: MqttHandle,
+    topics: Topics,
+}
+
+impl Agent {
+    /// Start-up: everything that can fail does so here, before the broker
+    /// hears of this node.
+    async fn start(config: &AgentConfig) -> Result<Agent, crate::Error> {
+        let engine = Docker::connect(&config.docker).await?;
+        let engine_info = engine.info().await?;
+        let criu = crate::sysinfo::criu_status();
+        if let Err(why) = &criu {
+            warn!(%why, "CRIU does not work here: this node can neither send nor receive migrations");
+        }
+        let ledger = open_work_dir(config)?;
+        if config.insecure {
+            warn!("--insecure: plain TCP is allowed where no TLS is configured; never use this on a real fleet");
+        }
+        let (tls_client, tls_server) = match &config.tls {
+            Some(files) => {
+                crate::stream::tls::check_identity(files, &config.node_id)?;
+                (
+                    Some(crate::stream::tls::client_config(files)?),
+                    Some(crate::stream::tls::server_config(files)?),
+                )
+            }
+            None => (None, None),
+        };
+        let listen = |source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        };
+        let listener = TcpListener::bind(config.listen).await.map_err(listen)?;
+        let advertise = match config.advertise {
+            Some(a) => a,
+            None => listener.local_addr().map_err(listen)?,
+        };
+        let topics = config.topics.clone();
+        let mqtt_stop = CancellationToken::new();
+        let (mqtt, inbound, mqtt_task) = mqtt::spawn(
+            broker_settings(config, tls_client.clone()),
+            mqtt_stop.clone(),
+        )?;
+
+        let timeouts = Timeouts::default();
+        let node = Arc::new(Node {
+            id: config.node_id.clone(),
+            engine,
+            engine_info,
+            page_size: crate::sysinfo::page_size(),
+            criu,
+            work_dir: config.work_dir.clone(),
+            reporter: Box::new(MqttReporter {
+                mqtt: mqtt.clone(),
+                topics: topics.clone(),
+            }),
+            dialer: Box::new(TcpDialer {
+                tls: tls_client,
+                connect_timeout: timeouts.connect,
+            }),
+            timeouts,
+            peers: Peers::default(),
+            jobs: JobRegistry::new(&config.node_id),
+        });
+        info!(
+            node = %node.id,
+            arch = %node.engine_info.arch,
+            data = %advertise,
+            work_dir = %config.work_dir.display(),
+            "agent started"
+        );
+        let tasks = TaskTracker::new();
+        let accept_stop = CancellationToken::new();
+        tasks.spawn(serve_data_port(
+            node.clone(),
+            listener,
+            tls_server,
+            accept_stop.clone(),
+            tasks.clone(),
+        ));
+        Ok(Agent {
+            replies: Replies {
+                node: node.id.clone(),
+                mqtt,
+                topics,
+            },
+            node,
+            inbound,
+            mqtt_stop,
+            mqtt_task,
+            ledger,
+            tasks,
+            accept_stop,
+            advertise: advertise.to_string(),
+            service: crate::systemd::Service::from_env(),
+            jobs_changed: mpsc::channel(16),
+        })
     }
-    std::fs::create_dir_all(&config.work_dir).map_err(|source| AgentError::WorkDir {
+
+    /// The main loop, until `shutdown` fires or the broker task ends.
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let mut refresh = tokio::time::interval(STATUS_REFRESH);
+        refresh.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = self.service.watchdog_due() => self.service.watchdog(),
+                _ = refresh.tick() => self.publish_status(true).await,
+                Some(()) = self.jobs_changed.1.recv() => self.publish_status(true).await,
+                msg = self.inbound.recv() => match msg {
+                    // Exit non-zero after the drain so systemd restarts us.
+                    None => {
+                        error!("mqtt task ended");
+                        return Err(AgentError::BrokerTaskEnded);
+                    }
+                    Some(msg) => self.on_inbound(msg).await,
+                },
+            }
+        }
+    }
+
+    async fn on_inbound(&mut self, msg: Inbound) {
+        match msg {
+            Inbound::Connected { .. } => {
+                info!("connected to the broker");
+                self.publish_status(true).await;
+                self.service.ready("connected to the broker");
+            }
+            Inbound::Disconnected { error, retry_in } => {
+                warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
+            }
+            Inbound::Message { topic, payload, .. } => match self.replies.topics.parse(&topic) {
+                Some(TopicKind::NodeStatus { node: peer }) => {
+                    match serde_json::from_slice::<NodeStatus>(&payload) {
+                        Ok(s) => self.node.peers.update(peer, s),
+                        Err(e) => warn!(%topic, error = %e, "ignoring unreadable node status"),
+                    }
+                }
+                Some(TopicKind::Job { node: to, job_id }) if to == self.node.id => {
+                    self.on_job(&job_id, &payload).await;
+                    self.publish_status(true).await;
+                }
+                _ => {}
+            },
+        }
+    }
+
+    /// Drain: refuse new work, let running jobs end (or cancel them at the
+    /// deadline, which rolls them back), then say we are gone. The broker
+    /// connection keeps being served so statuses still go out and new jobs
+    /// get a clear rejection.
+    async fn drain(mut self, deadline: Duration) {
+        info!(running = self.node.jobs.len(), "draining");
+        self.service.stopping("draining");
+        self.accept_stop.cancel();
+        self.tasks.close();
+        let soft = tokio::time::sleep(deadline);
+        let hard = tokio::time::sleep(deadline + ROLLBACK_GRACE);
+        tokio::pin!(soft, hard);
+        let mut canceled = false;
+        loop {
+            tokio::select! {
+                _ = self.tasks.wait() => break,
+                _ = &mut soft, if !canceled => {
+                    warn!("drain deadline passed; canceling running jobs");
+                    self.node.jobs.cancel_all();
+                    canceled = true;
+                }
+                _ = &mut hard => {
+                    error!(running = self.node.jobs.len(), "jobs did not end after cancel; exiting anyway");
+                    break;
+                }
+                msg = self.inbound.recv() => match msg {
+                    Some(Inbound::Message { topic, .. }) => {
+                        if let Some(TopicKind::Job { node: to, job_id }) = self.replies.topics.parse(&topic) {
+                            if to == self.node.id {
+                                let reason = format!("node {} is shutting down", self.node.id);
+                                self.replies.send(&job_id, Err(reason)).await;
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+        self.publish_status(false).await;
+        self.mqtt_stop.cancel();
+        let _ = tokio::time::timeout(MQTT_GOODBYE, self.mqtt_task).await;
+        info!("agent stopped");
+    }
+
+    async fn publish_status(&self, online: bool) {
+        let status = node_status(&self.node, online, &self.advertise);
+        let topic = self.replies.topics.node_status(&self.node.id);
+        if let Err(e) = self.replies.mqtt.publish_json(&topic, &status, true).await {
+            warn!(error = %e, "cannot publish node status");
+        }
+    }
+
+    async fn on_job(&mut self, job_id: &str, payload: &[u8]) {
+        let replies = &self.replies;
+        if let Err(e) = contract::validate_id("job id", job_id) {
+            // The topic level itself is unusable: no reply topic can be built.
+            warn!(error = %e, "ignoring job with an invalid id");
+            return;
+        }
+        match self.ledger.first_seen(job_id) {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(job = %job_id, "job seen before; not run again");
+                return;
+            }
+            Err(e) => {
+                let reason = format!("cannot record job id in the work dir: {e}");
+                return replies.send(job_id, Err(reason)).await;
+            }
+        }
+        let request = match contract::parse_job(&self.node.id, job_id, payload) {
+            Ok(r) => r,
+            Err(e) => return replies.send(job_id, Err(e)).await,
+        };
+        match request {
+            JobRequest::Cancel { job } => replies.send(job_id, self.node.jobs.cancel(&job)).await,
+            JobRequest::Migrate {
+                container,
+                target,
+                options,
+            } => {
+                let rate_limit = match options
+                    .rate_limit
+                    .map(|r| match r {
+                        RateSpec::Text(t) => parse_rate(&t),
+                        RateSpec::Bytes(n) => Ok(n),
+                    })
+                    .transpose()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let reason = format!("invalid options.rate_limit: {e}");
+                        return replies.send(job_id, Err(reason)).await;
+                    }
+                };
+                let job = MigrateJob {
+                    job_id: job_id.to_string(),
+                    container,
+                    target,
+                    rate_limit,
+                    zstd_level: options.zstd_level,
+                };
+                self.spawn_migration(job);
+            }
+        }
+    }
+
+    /// The job's own task: the early check may wait for the target's
+    /// retained status, which the main loop delivers.
+    fn spawn_migration(&self, job: MigrateJob) {
+        let span = tracing::info_span!("migrate", job = %job.job_id, container = %job.container, peer = %job.target);
+        let (node, replies) = (self.node.clone(), self.replies.clone());
+        let changed = self.jobs_changed.0.clone();
+        self.tasks.spawn(
+            async move {
+                match admit(&node, &job).await {
+                    Err(reason) => replies.send(&job.job_id, Err(reason)).await,
+                    Ok(guard) => {
+                        let _ = changed.send(()).await;
+                        replies
+                            .send(&job.job_id, Ok::<(), MigrationError>(()))
+                            .await;
+                        source::run(node, job, guard).await;
+                        let _ = changed.send(()).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Creates the work dir, clears staging left from a crash, opens the ledger.
+fn open_work_dir(config: &AgentConfig) -> Result<JobLedger, AgentError> {
+    let failed = |source| AgentError::WorkDir {
         path: config.work_dir.clone(),
         source,
-    })?;
+    };
+    std::fs::create_dir_all(&config.work_dir).map_err(failed)?;
     // Nothing runs yet: whatever is staged is left from a crash.
     let staging = config.work_dir.join("staging");
     if staging.exists() {
@@ -74,215 +387,56 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             warn!(path = %staging.display(), error = %e, "cannot clear stale staging");
         }
     }
-    let mut ledger = JobLedger::open(config.work_dir.join("jobs-seen")).map_err(|source| {
-        AgentError::WorkDir {
-            path: config.work_dir.clone(),
-            source,
-        }
-    })?;
-    if config.insecure {
-        warn!("--insecure: plain TCP is allowed where no TLS files are given; never use this on a real fleet");
-    }
-    if let Some(files) = &config.tls {
-        crate::stream::tls::check_identity(files, &config.node_id)
-            .map_err(|e| AgentError::Tls(e.to_string()))?;
-    }
-    let (tls_client, tls_server) = match &config.tls {
-        Some(files) => (
-            Some(
-                crate::stream::tls::client_config(files)
-                    .map_err(|e| AgentError::Tls(e.to_string()))?,
-            ),
-            Some(
-                crate::stream::tls::server_config(files)
-                    .map_err(|e| AgentError::Tls(e.to_string()))?,
-            ),
-        ),
-        None => (None, None),
-    };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| AgentError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    JobLedger::open(config.work_dir.join(LEDGER_FILE)).map_err(failed)
+}
 
-    let advertise = match config.advertise {
-        Some(a) => a,
-        None => listener.local_addr().map_err(|source| AgentError::Listen {
-            addr: config.listen,
-            source,
-        })?,
-    };
-    let topics = config.topics.clone();
-    let will = (
-        topics.node_status(&config.node_id),
-        NodeStatus::offline_will(),
-        true,
-    );
-    let mqtt_settings = ClientSettings {
+fn broker_settings(
+    config: &AgentConfig,
+    tls_client: Option<Arc<rustls::ClientConfig>>,
+) -> ClientSettings {
+    let topics = &config.topics;
+    ClientSettings {
         url: config.mqtt.clone(),
         client_id: config.node_id.clone(),
         // A persistent session: jobs published while the agent was briefly
         // offline are delivered when it comes back.
         clean_session: false,
         keep_alive: KEEP_ALIVE,
-        tls: if config.mqtt.is_tls() {
-            tls_client.clone()
-        } else {
-            None
-        },
-        last_will: Some(will),
+        tls: tls_client.filter(|_| config.mqtt.is_tls()),
+        last_will: Some((
+            topics.node_status(&config.node_id),
+            NodeStatus::offline_will(),
+            true,
+        )),
         subscriptions: vec![topics.jobs_of(&config.node_id), topics.all_node_status()],
-    };
-    let mqtt_stop = CancellationToken::new();
-    let (mqtt, mut inbound, mqtt_task) = mqtt::spawn(mqtt_settings, mqtt_stop.clone())
-        .map_err(|e| AgentError::Mqtt(e.to_string()))?;
-
-    let node = Arc::new(Node {
-        id: config.node_id.clone(),
-        engine,
-        engine_info,
-        page_size: crate::sysinfo::page_size(),
-        criu,
-        work_dir: config.work_dir.clone(),
-        topics: topics.clone(),
-        mqtt: mqtt.clone(),
-        tls_client,
-        peers: Mutex::new(HashMap::new()),
-        jobs: Mutex::new(HashMap::new()),
-    });
-    info!(
-        node = %node.id,
-        arch = %node.engine_info.arch,
-        data = %advertise,
-        work_dir = %config.work_dir.display(),
-        "agent started"
-    );
-
-    let tasks = TaskTracker::new();
-    let accept_stop = CancellationToken::new();
-    tasks.spawn(serve_data_port(
-        node.clone(),
-        listener,
-        tls_server,
-        accept_stop.clone(),
-        tasks.clone(),
-    ));
-
-    let advertise = advertise.to_string();
-    let publish_status = |online: bool| {
-        let node = node.clone();
-        let advertise = advertise.clone();
-        async move {
-            let status = node_status(&node, online, &advertise);
-            let topic = node.topics.node_status(&node.id);
-            if let Err(e) = node.mqtt.publish_json(&topic, &status, true).await {
-                warn!(error = %e, "cannot publish node status");
-            }
-        }
-    };
-
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<String>(16);
-    let mut refresh = tokio::time::interval(STATUS_REFRESH);
-    refresh.tick().await;
-    let mut service = crate::systemd::Service::from_env();
-    let mut mqtt_lost = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = service.watchdog_due() => service.watchdog(),
-            _ = refresh.tick() => publish_status(true).await,
-            Some(job_id) = done_rx.recv() => {
-                node.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_id);
-                publish_status(true).await;
-            }
-            msg = inbound.recv() => {
-                let Some(msg) = msg else {
-                    // Exit non-zero after the drain so systemd restarts us.
-                    error!("mqtt task ended");
-                    mqtt_lost = true;
-                    break;
-                };
-                match msg {
-                    Inbound::Connected { .. } => {
-                        info!("connected to the broker");
-                        publish_status(true).await;
-                        service.ready("connected to the broker");
-                    }
-                    Inbound::Disconnected { error, retry_in } => {
-                        warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
-                    }
-                    Inbound::Message { topic, payload, .. } => {
-                        match topics.parse(&topic) {
-                            Some(TopicKind::NodeStatus { node: peer }) => {
-                                match serde_json::from_slice::<NodeStatus>(&payload) {
-                                    Ok(s) => {
-                                        node.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, s);
-                                    }
-                                    Err(e) => warn!(%topic, error = %e, "ignoring unreadable node status"),
-                                }
-                            }
-                            Some(TopicKind::Job { node: to, job_id }) if to == node.id => {
-                                handle_job(&node, &mut ledger, &tasks, &done_tx, &job_id, &payload).await;
-                                publish_status(true).await;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-        }
     }
+}
 
-    // Drain: refuse new work, let running jobs end (or cancel them at the
-    // deadline, which rolls them back), then say we are gone. The broker
-    // connection keeps being served so statuses still go out and new jobs
-    // get a clear rejection.
-    info!(running = node.job_count(), "draining");
-    service.stopping("draining");
-    accept_stop.cancel();
-    tasks.close();
-    let soft = tokio::time::sleep(config.drain_timeout);
-    let hard = tokio::time::sleep(config.drain_timeout + ROLLBACK_GRACE);
-    tokio::pin!(soft, hard);
-    let mut canceled = false;
-    loop {
-        tokio::select! {
-            _ = tasks.wait() => break,
-            _ = &mut soft, if !canceled => {
-                warn!("drain deadline passed; canceling running jobs");
-                for handle in node.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
-                    handle.try_cancel();
-                }
-                canceled = true;
-            }
-            _ = &mut hard => {
-                error!(running = node.job_count(), "jobs did not end after cancel; exiting anyway");
-                break;
-            }
-            msg = inbound.recv() => match msg {
-                Some(Inbound::Message { topic, .. }) => {
-                    if let Some(TopicKind::Job { node: to, job_id }) = topics.parse(&topic) {
-                        if to == node.id {
-                            let reason = format!("node {} is shutting down", node.id);
-                            reply(&node, &job_id, Err(reason)).await;
-                        }
-                    }
-                }
-                Some(_) => {}
-                None => break,
+/// The early check of a migrate job, before it is accepted: the fleet
+/// manager learns about a typo without a job ever starting. The job is
+/// registered by the container's engine id, so a name and an id cannot run
+/// two jobs for one container.
+async fn admit<E: Engine>(node: &Node<E>, job: &MigrateJob) -> Result<JobGuard, MigrationError> {
+    let found = node.engine.inspect(&job.container).await;
+    let container = check::found(&job.container, &node.id, found)?;
+    let guard = node
+        .jobs
+        .try_register(&job.job_id, &container.id, Role::Source)
+        .map_err(|e| match e {
+            RegisterError::ContainerBusy { .. } => RegisterError::ContainerBusy {
+                container: job.container.clone(),
             },
-        }
-    }
-    publish_status(false).await;
-    mqtt_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), mqtt_task).await;
-    info!("agent stopped");
-    if mqtt_lost {
-        return Err(AgentError::Mqtt("the broker connection task ended".into()));
-    }
-    Ok(())
+            e => e,
+        })?;
+    source::check_ready(
+        node,
+        &job.container,
+        &container,
+        &job.target,
+        PEER_STATUS_WAIT,
+    )
+    .await?;
+    Ok(guard)
 }
 
 fn node_status<E: Engine>(node: &Node<E>, online: bool, advertise: &str) -> NodeStatus {
@@ -296,192 +450,43 @@ fn node_status<E: Engine>(node: &Node<E>, online: bool, advertise: &str) -> Node
         data_addr: Some(advertise.to_string()),
         free_mem: crate::sysinfo::mem_available().unwrap_or(0),
         free_disk: crate::sysinfo::free_disk(&node.work_dir).unwrap_or(0),
-        jobs: node.job_count() as u32,
+        jobs: node.jobs.len() as u32,
         updated_ms: now_ms(),
     }
 }
 
-async fn reply<E: Engine>(node: &Node<E>, job_id: &str, result: Result<(), String>) {
-    let (topic, payload) = match result {
-        Ok(()) => (
-            node.topics.job_accepted(&node.id, job_id),
-            serde_json::to_value(Accepted {
-                job_id: job_id.to_string(),
-                node: node.id.clone(),
-            }),
-        ),
-        Err(reason) => {
-            warn!(job = %job_id, %reason, "job rejected");
-            (
-                node.topics.job_rejected(&node.id, job_id),
-                serde_json::to_value(Rejected {
+impl Replies {
+    /// `accepted`, or `rejected` with the reason as the contract carries it.
+    async fn send(&self, job_id: &str, result: Result<(), impl Display>) {
+        let (topic, payload) = match result {
+            Ok(()) => (
+                self.topics.job_accepted(&self.node, job_id),
+                serde_json::to_value(Accepted {
                     job_id: job_id.to_string(),
-                    node: node.id.clone(),
-                    reason,
+                    node: self.node.clone(),
                 }),
-            )
-        }
-    };
-    match payload {
-        Ok(p) => {
-            if let Err(e) = node.mqtt.publish_json(&topic, &p, false).await {
-                warn!(%topic, error = %e, "cannot publish job reply");
+            ),
+            Err(reason) => {
+                let reason = reason.to_string();
+                warn!(job = %job_id, %reason, "job rejected");
+                (
+                    self.topics.job_rejected(&self.node, job_id),
+                    serde_json::to_value(Rejected {
+                        job_id: job_id.to_string(),
+                        node: self.node.clone(),
+                        reason,
+                    }),
+                )
             }
-        }
-        Err(e) => warn!(%topic, error = %e, "cannot encode job reply"),
-    }
-}
-
-async fn handle_job<E: Engine + 'static>(
-    node: &Arc<Node<E>>,
-    ledger: &mut JobLedger,
-    tasks: &TaskTracker,
-    done: &tokio::sync::mpsc::Sender<String>,
-    job_id: &str,
-    payload: &[u8],
-) {
-    if let Err(e) = contract::validate_id("job id", job_id) {
-        // The topic level itself is unusable: no reply topic can be built.
-        warn!(error = %e, "ignoring job with an invalid id");
-        return;
-    }
-    match ledger.first_seen(job_id) {
-        Ok(true) => {}
-        Ok(false) => {
-            info!(job = %job_id, "job seen before; not run again");
-            return;
-        }
-        Err(e) => {
-            reply(
-                node,
-                job_id,
-                Err(format!("cannot record job id in the work dir: {e}")),
-            )
-            .await;
-            return;
-        }
-    }
-    let request = match contract::parse_job(&node.id, job_id, payload) {
-        Ok(r) => r,
-        Err(e) => return reply(node, job_id, Err(e.to_string())).await,
-    };
-    match request {
-        JobRequest::Cancel { job } => {
-            let handle = node
-                .jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&job)
-                .cloned();
-            let result = match handle {
-                None => Err(format!("job {job} is not running on {}", node.id)),
-                Some(h) if h.role == contract::Role::Target => Err(format!(
-                    "job {job} is the target side on {}: cancel it on its source node",
-                    node.id
-                )),
-                Some(h) if h.try_cancel() => Ok(()),
-                Some(_) => Err(format!(
-                    "job {job} is past the point of no return: the target confirmed the restore"
-                )),
-            };
-            reply(node, job_id, result).await;
-        }
-        JobRequest::Migrate {
-            container,
-            target,
-            options,
-        } => {
-            let rate_limit = match options
-                .rate_limit
-                .map(|r| match r {
-                    RateSpec::Text(t) => parse_rate(&t).map_err(|e| e.to_string()),
-                    RateSpec::Bytes(n) => Ok(n),
-                })
-                .transpose()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    return reply(
-                        node,
-                        job_id,
-                        Err(format!("invalid options.rate_limit: {e}")),
-                    )
-                    .await
+        };
+        match payload {
+            Ok(p) => {
+                if let Err(e) = self.mqtt.publish_json(&topic, &p, false).await {
+                    warn!(%topic, error = %e, "cannot publish job reply");
                 }
-            };
-            let handle = JobHandle::new(&container, contract::Role::Source);
-            let already = {
-                let mut jobs = node.jobs.lock().unwrap_or_else(|p| p.into_inner());
-                let already = jobs.values().any(|j| j.container == container);
-                if !already {
-                    jobs.insert(job_id.to_string(), handle.clone());
-                }
-                already
-            };
-            if already {
-                let reason = format!("container {container} is already being migrated");
-                return reply(node, job_id, Err(reason)).await;
             }
-            let job = MigrateJob {
-                job_id: job_id.to_string(),
-                container: container.clone(),
-                target: target.clone(),
-                rate_limit,
-                zstd_level: options.zstd_level,
-            };
-            let span = tracing::info_span!("migrate", job = %job_id, %container, peer = %target);
-            let node = node.clone();
-            let done = done.clone();
-            let job_id = job_id.to_string();
-            // Its own task: the acceptance check may wait for the target's
-            // retained status, which this loop delivers.
-            tasks.spawn(
-                async move {
-                    match quick_check(&node, &job.container, &job.target).await {
-                        Some(reason) => reply(&node, &job_id, Err(reason)).await,
-                        None => {
-                            reply(&node, &job_id, Ok(())).await;
-                            source::run(node.clone(), job, handle).await;
-                        }
-                    }
-                    let _ = done.send(job_id).await;
-                }
-                .instrument(span),
-            );
+            Err(e) => warn!(%topic, error = %e, "cannot encode job reply"),
         }
-    }
-}
-
-/// Reasons to reject a migrate job at once, before it is accepted: the
-/// fleet manager learns about a typo without a job ever starting.
-async fn quick_check<E: Engine>(node: &Node<E>, container: &str, target: &str) -> Option<String> {
-    match node.engine.inspect(container).await {
-        Ok(c) if !c.running => {
-            return Some(format!(
-                "container {container} is not running on {}",
-                node.id
-            ))
-        }
-        Ok(_) => {}
-        Err(crate::runtime::RuntimeError::NotFound(_)) => {
-            return Some(format!("container {container} not found on {}", node.id))
-        }
-        Err(e) => return Some(format!("cannot inspect container {container}: {e}")),
-    }
-    // Right after a reconnect, jobs queued in the session arrive before the
-    // retained statuses of the other nodes: give those a moment.
-    let deadline = tokio::time::Instant::now() + PEER_STATUS_WAIT;
-    let peer = loop {
-        match node.peer(target) {
-            Some(p) => break Some(p),
-            None if tokio::time::Instant::now() >= deadline => break None,
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
-    match peer {
-        None => Some(format!("target node {target} is unknown (no status seen)")),
-        Some(p) if !p.online => Some(format!("target node {target} is offline")),
-        Some(_) => None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! The container engine, behind a small trait so the migration logic can be
-//! unit-tested with a recording fake while integration tests use the real
-//! Docker daemon.
+//! The container engine, behind a small trait ([`Engine`]) so the migration
+//! drivers can be unit-tested with a recording fake (`fake`, tests only)
+//! while integration tests use the real Docker daemon ([`Docker`]).
 
 mod docker;
 pub mod images;
@@ -9,6 +9,8 @@ pub mod policy;
 pub mod rootfs;
 pub mod state;
 pub mod volumes;
+#[cfg(test)]
+pub(crate) mod fake;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -71,7 +73,7 @@ pub enum RuntimeError {
 }
 
 /// The engine operations a migration needs. Implemented by [`Docker`] and,
-/// in unit tests, by a recording fake.
+/// in unit tests, by the recording `fake::FakeEngine`.
 pub trait Engine: Send + Sync {
     fn info(&self) -> impl Future<Output = Result<EngineInfo, RuntimeError>> + Send;
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Container, RuntimeError>> + Send;

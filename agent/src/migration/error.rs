@@ -1,0 +1,153 @@
+//! What can stop a migration, as the drivers see it: one variant per cause,
+//! worded for the job status a fleet manager reads. The pure checks have
+//! their own enum ([`CheckError`]); the registry its own
+//! ([`RegisterError`]). Text crosses a boundary only where the contract
+//! carries text: a job status's `error`, a `Refused`/`Failed` reason on the
+//! data connection, a rejected job's `reason`.
+
+use std::path::PathBuf;
+
+use super::check::CheckError;
+use super::protocol::ProtocolError;
+use super::registry::RegisterError;
+use crate::runtime::RuntimeError;
+use crate::stream::StreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    // --- source: before anything stopped
+    #[error("precheck: {0}")]
+    Precheck(CheckError),
+    /// A target's refusal, or an identity/compatibility failure on the target.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error("target {target} advertises a bad data address: {source}")]
+    BadDataAddress {
+        target: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("connecting to {target} at {addr} timed out")]
+    ConnectTimeout { target: String, addr: String },
+    #[error("cannot connect to {target} at {addr}: {source}")]
+    Connect {
+        target: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("node id {target} is not usable as a TLS name: {source}")]
+    TlsName {
+        target: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS handshake with {target} at {addr} failed: {source}")]
+    Handshake {
+        target: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("prepare on {target}: {source}")]
+    Prepare {
+        target: String,
+        source: ProtocolError,
+    },
+    #[error("target {target} did not answer the prepare in time")]
+    PrepareTimeout { target: String },
+    #[error("target {target} refused: {reason}")]
+    Refused { target: String, reason: String },
+    #[error("target {target} answered {answer} to prepare")]
+    UnexpectedPrepareAnswer { target: String, answer: String },
+
+    // --- source: the container is (or may be) stopped
+    #[error("checkpoint: {0}")]
+    Checkpoint(RuntimeError),
+    #[error("transfer: {0}")]
+    CheckpointDir(RuntimeError),
+    #[error("transfer to {target}: {source}")]
+    Transfer { target: String, source: StreamError },
+    #[error("restore: target did not answer in time")]
+    RestoreTimeout,
+    #[error("restore: {0}")]
+    AwaitRestore(ProtocolError),
+    #[error("restore on target failed: {reason}")]
+    RestoreFailedOnTarget { reason: String },
+    #[error("restore: unexpected answer {answer}")]
+    UnexpectedRestoreAnswer { answer: String },
+    #[error("canceled by request")]
+    Canceled,
+    #[error("rollback: {0}")]
+    RollbackInspect(RuntimeError),
+    #[error("rollback: restoring the original on {node} failed: {source}")]
+    Rollback {
+        node: String,
+        source: Box<RuntimeError>,
+    },
+
+    // --- source: past the point of no return
+    #[error(
+        "target did not confirm the commit ({0}); the stopped original is kept with its checkpoint"
+    )]
+    CommitUnconfirmed(Unconfirmed),
+    #[error(
+        "cleanup: the workload runs on the target, but the original could not be removed: {0}"
+    )]
+    RemoveOriginal(RuntimeError),
+
+    // --- target
+    #[error("bad prepare: {0}")]
+    BadPrepare(ProtocolError),
+    #[error("expected prepare as the first message")]
+    NotPrepare,
+    #[error("cannot create container {name} on {node}: {source}")]
+    Create {
+        name: String,
+        node: String,
+        source: Box<RuntimeError>,
+    },
+    #[error("prepare reply: {0}")]
+    PrepareReply(ProtocolError),
+    #[error("receive: {0}")]
+    Receive(StreamError),
+    #[error("restore: {0}")]
+    Restore(RuntimeError),
+    #[error("restore: cannot place images in {}: {source}", dir.display())]
+    PlaceImages {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("restore on {node}: {source}")]
+    RestoreStart {
+        node: String,
+        source: Box<RuntimeError>,
+    },
+    #[error("restored container {name} exited right away on {node}")]
+    ExitedRightAway { name: String, node: String },
+    #[error("restored, but cannot tell the source: {0}")]
+    RestoredUntold(ProtocolError),
+    #[error("source closed the connection before committing")]
+    SourceClosed,
+    #[error("waiting for commit: {0}")]
+    AwaitCommit(ProtocolError),
+    #[error("source did not commit in time")]
+    CommitTimeout,
+    #[error("expected commit, got {answer}")]
+    UnexpectedCommitAnswer { answer: String },
+
+    /// A step ran without what an earlier step provides: a driver bug.
+    #[error("{0}")]
+    Missing(&'static str),
+}
+
+/// Why the source cannot tell whether the target kept the container.
+#[derive(Debug, thiserror::Error)]
+pub enum Unconfirmed {
+    #[error("{0}")]
+    Send(ProtocolError),
+    #[error("{0}")]
+    Recv(ProtocolError),
+    #[error("answer {0}")]
+    Answer(String),
+    #[error("timeout")]
+    Timeout,
+}

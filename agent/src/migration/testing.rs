@@ -1,0 +1,701 @@
+//! In-process harness for the drivers (tests only): nodes on the recording
+//! fake engine, statuses recorded instead of published, the data connection
+//! an in-memory pipe, and scripted peers that speak the real protocol and
+//! wire code. The tests below drive `source` and `target` end to end and
+//! check that every failure ends in the state the README promises.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::io::DuplexStream;
+use tokio::sync::watch;
+
+use super::node::BoxFuture;
+use super::protocol::{self, Prepare, ToSource, ToTarget};
+use super::source::{self, MigrateJob};
+use super::{
+    checkpoint_name, target, Conn, Dial, JobRegistry, MigrationError, Node, Peers, Reporter,
+    Timeouts,
+};
+use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Role};
+use crate::runtime::fake::FakeEngine;
+use crate::runtime::EngineInfo;
+use crate::stream::archive::UnpackLimits;
+use crate::stream::testutil::TempDir;
+use crate::stream::wire::{self, SendOptions, TransferHeader};
+
+const IMAGE: &str = "ferry/counter:1";
+const NAME: &str = "web";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Job statuses as a node would have published them.
+#[derive(Clone)]
+pub(crate) struct Statuses(Arc<watch::Sender<Vec<JobStatus>>>);
+
+impl Statuses {
+    fn new() -> Self {
+        Statuses(Arc::new(watch::channel(Vec::new()).0))
+    }
+
+    fn all(&self) -> Vec<JobStatus> {
+        self.0.borrow().clone()
+    }
+
+    /// The final status of `job`, waiting for it.
+    async fn final_of(&self, job: &str) -> JobStatus {
+        let mut rx = self.0.subscribe();
+        let found = tokio::time::timeout(
+            WAIT,
+            rx.wait_for(|all| all.iter().any(|s| s.job_id == job && s.state.is_final())),
+        )
+        .await;
+        assert!(found.is_ok(), "no final status for {job}: {:?}", self.all());
+        let all = self.all();
+        all.into_iter()
+            .rev()
+            .find(|s| s.job_id == job && s.state.is_final())
+            .unwrap()
+    }
+}
+
+impl Reporter for Statuses {
+    fn job_status<'a>(&'a self, status: &'a JobStatus) -> BoxFuture<'a, ()> {
+        self.0.send_modify(|all| all.push(status.clone()));
+        Box::pin(async {})
+    }
+}
+
+type Answer = Box<dyn Fn(DuplexStream) + Send + Sync>;
+
+/// Dials by handing the far end of a pipe to `answer`.
+struct PipeDialer(Answer);
+
+impl Dial for PipeDialer {
+    fn dial<'a>(
+        &'a self,
+        _target: &'a str,
+        _addr: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Conn>, MigrationError>> {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        (self.0)(far);
+        Box::pin(async move { Ok(Box::new(near) as Box<dyn Conn>) })
+    }
+}
+
+fn test_node(id: &str, dir: &TempDir, dialer: Answer) -> (Arc<Node<FakeEngine>>, Statuses) {
+    let root = dir.join(format!("{id}-engine"));
+    let work_dir = dir.join(format!("{id}-work"));
+    std::fs::create_dir_all(&work_dir).unwrap();
+    let statuses = Statuses::new();
+    let node = Node {
+        id: id.into(),
+        engine: FakeEngine::new(&root, &[IMAGE]),
+        engine_info: EngineInfo {
+            arch: "x86_64".into(),
+            kernel: "6.1".into(),
+            version: "fake".into(),
+            root_dir: root,
+            experimental: true,
+        },
+        page_size: 4096,
+        criu: Ok("4.2.1".into()),
+        work_dir,
+        reporter: Box::new(statuses.clone()),
+        dialer: Box::new(PipeDialer(dialer)),
+        timeouts: Timeouts {
+            connect: WAIT,
+            prepare: WAIT,
+            restore: WAIT,
+            commit: WAIT,
+            progress_every: Duration::from_millis(20),
+            prepare_wait: WAIT,
+            commit_wait: WAIT,
+            settle: Duration::ZERO,
+        },
+        peers: Peers::default(),
+        jobs: JobRegistry::new(id),
+    };
+    (Arc::new(node), statuses)
+}
+
+fn online(arch: &str) -> NodeStatus {
+    NodeStatus {
+        online: true,
+        arch: arch.into(),
+        page_size: 4096,
+        criu: Some("4.2.1".into()),
+        data_addr: Some("pipe".into()),
+        ..NodeStatus::default()
+    }
+}
+
+/// What the source's peer is.
+enum Peer {
+    /// The real target driver on node `b`.
+    Target,
+    /// A scripted target that stops at `Stop`.
+    Scripted(Stop),
+}
+
+/// Where a scripted target stops following the protocol.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Refuse,
+    CloseBeforeAnswering,
+    CloseAfterPrepared,
+    FailRestore,
+    CloseAfterCommit,
+}
+
+/// Node `a` runs container `web`; node `b` is its target.
+struct Pair {
+    a: Arc<Node<FakeEngine>>,
+    b: Arc<Node<FakeEngine>>,
+    /// The engine id of `web` on `a`.
+    id: String,
+    a_statuses: Statuses,
+    b_statuses: Statuses,
+    _dir: TempDir,
+}
+
+impl Pair {
+    fn new(peer: Peer) -> Pair {
+        let dir = TempDir::new("drivers");
+        let (b, b_statuses) = test_node("b", &dir, Box::new(|_| panic!("b dials nobody")));
+        let staging = dir.join("scripted-staging");
+        let answer: Answer = match peer {
+            Peer::Target => {
+                let b = Arc::downgrade(&b);
+                Box::new(move |far| {
+                    let b = b.upgrade().expect("target node alive");
+                    tokio::spawn(target::serve(b, far, Some(vec!["a".into()])));
+                })
+            }
+            Peer::Scripted(stop) => Box::new(move |far| {
+                tokio::spawn(scripted_target(far, stop, staging.clone()));
+            }),
+        };
+        let (a, a_statuses) = test_node("a", &dir, answer);
+        let id = a.engine.run(NAME, IMAGE);
+        a.peers.update("b", online("x86_64"));
+        Pair {
+            a,
+            b,
+            id,
+            a_statuses,
+            b_statuses,
+            _dir: dir,
+        }
+    }
+
+    /// Runs job `j1` on the source to its end; returns its final status.
+    async fn migrate(&self) -> JobStatus {
+        let guard = self
+            .a
+            .jobs
+            .try_register("j1", &self.id, Role::Source)
+            .unwrap();
+        let job = MigrateJob {
+            job_id: "j1".into(),
+            container: NAME.into(),
+            target: "b".into(),
+            rate_limit: None,
+            zstd_level: 3,
+        };
+        let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
+            .await
+            .expect("the source driver ended");
+        assert_eq!(
+            status,
+            self.a_statuses.all().pop().unwrap(),
+            "final status published"
+        );
+        assert!(self.a.jobs.is_empty(), "the job is deregistered");
+        status
+    }
+
+    /// Cancels `j1` on the source when the engine of `on` sees `call`.
+    fn cancel_at(&self, on: &Arc<Node<FakeEngine>>, call: &'static str) {
+        let a: Weak<Node<FakeEngine>> = Arc::downgrade(&self.a);
+        on.engine.on_call(move |c| {
+            if c == call {
+                if let Some(a) = a.upgrade() {
+                    a.jobs.cancel("j1").expect("cancel accepted");
+                }
+            }
+        });
+    }
+}
+
+async fn scripted_target(mut conn: DuplexStream, stop: Stop, staging: PathBuf) {
+    let Ok(ToTarget::Prepare(p)) = protocol::recv::<_, ToTarget>(&mut conn).await else {
+        return;
+    };
+    let reply = match stop {
+        Stop::CloseBeforeAnswering => return,
+        Stop::Refuse => ToSource::Refused {
+            reason: "no room for it".into(),
+        },
+        _ => ToSource::Prepared {
+            container_id: "remote".into(),
+        },
+    };
+    protocol::send(&mut conn, &reply).await.unwrap();
+    if matches!(stop, Stop::Refuse | Stop::CloseAfterPrepared) {
+        return;
+    }
+    let limits = UnpackLimits::default();
+    let staging = staging.join(&p.job_id);
+    wire::receive_checkpoint(&mut conn, &staging, &limits, |_| Ok(()))
+        .await
+        .unwrap();
+    if let Stop::FailRestore = stop {
+        let reason = "restore exploded".into();
+        let _ = protocol::send(&mut conn, &ToSource::Failed { reason }).await;
+        return;
+    }
+    protocol::send(&mut conn, &ToSource::Restored)
+        .await
+        .unwrap();
+    let commit = protocol::recv::<_, ToTarget>(&mut conn).await;
+    assert!(matches!(commit, Ok(ToTarget::Commit)), "{commit:?}");
+    // CloseAfterCommit: the `Committed` never arrives.
+}
+
+fn state_and_error(s: &JobStatus) -> (JobState, String) {
+    (s.state, s.error.clone().unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_migration_moves_the_container_and_both_sides_succeed() {
+    let p = Pair::new(Peer::Target);
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert!(status.bytes_raw > 600 * 1024, "{status:?}");
+    assert!(status.bytes_wire > 0 && status.bytes_wire < status.bytes_raw);
+    assert_eq!(p.a.engine.running(NAME), None, "the original is removed");
+    assert_eq!(
+        p.b.engine.running(NAME),
+        Some(true),
+        "it runs on the target"
+    );
+    assert!(!p.b.engine.has_checkpoint(NAME, &checkpoint_name("j1")));
+    let b = p.b_statuses.final_of("j1").await;
+    assert_eq!((b.state, b.role), (JobState::Succeeded, Role::Target));
+    assert!(p.b.jobs.is_empty());
+    assert!(!p.b.work_dir.join("staging").join("j1").exists());
+    // The source reported every phase in order.
+    let phases: Vec<_> = p.a_statuses.all().iter().filter_map(|s| s.phase).collect();
+    let mut seen = phases.clone();
+    seen.dedup();
+    use crate::mqtt::contract::Phase::*;
+    assert_eq!(seen, [Precheck, Checkpoint, Transfer, Restore, Cleanup]);
+}
+
+/// Every failure injected at every step before the target confirms: the
+/// job ends `failed` with the container untouched before the checkpoint,
+/// `rolled_back` with the original running again after it; the target
+/// keeps nothing either way.
+#[tokio::test]
+async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() {
+    use JobState::{Failed, RolledBack};
+    type Setup = fn(&Pair);
+    let cases: [(&str, Peer, Setup, JobState, &str); 13] = [
+        (
+            "source inspect",
+            Peer::Target,
+            |p| p.a.engine.fail("inspect"),
+            Failed,
+            "precheck: cannot inspect container web",
+        ),
+        (
+            "target offline",
+            Peer::Target,
+            |p| p.a.peers.update("b", NodeStatus::default()),
+            Failed,
+            "precheck: target node b is offline",
+        ),
+        (
+            "other arch",
+            Peer::Target,
+            |p| p.a.peers.update("b", online("aarch64")),
+            Failed,
+            "engine arch differs",
+        ),
+        (
+            "target image",
+            Peer::Target,
+            |p| p.b.engine.fail("image_exists"),
+            Failed,
+            "target b refused: cannot check image",
+        ),
+        (
+            "target create",
+            Peer::Target,
+            |p| p.b.engine.fail("create"),
+            Failed,
+            "target b refused: cannot create container web on b",
+        ),
+        (
+            "refused",
+            Peer::Scripted(Stop::Refuse),
+            |_| {},
+            Failed,
+            "target b refused: no room for it",
+        ),
+        (
+            "no answer",
+            Peer::Scripted(Stop::CloseBeforeAnswering),
+            |_| {},
+            Failed,
+            "prepare on b: peer closed",
+        ),
+        (
+            "checkpoint",
+            Peer::Target,
+            |p| p.a.engine.fail_checkpoint_after_stopping(),
+            RolledBack,
+            "checkpoint: engine call checkpoint",
+        ),
+        (
+            "source images",
+            Peer::Target,
+            |p| p.a.engine.fail("checkpoint_dir"),
+            RolledBack,
+            "transfer: engine call checkpoint_dir",
+        ),
+        (
+            "target placing images",
+            Peer::Target,
+            |p| p.b.engine.fail("checkpoint_dir"),
+            RolledBack,
+            "restore on target failed: restore: engine call checkpoint_dir",
+        ),
+        (
+            "target restore",
+            Peer::Target,
+            |p| p.b.engine.fail("restore"),
+            RolledBack,
+            "restore on target failed: restore on b:",
+        ),
+        (
+            "lost after prepared",
+            Peer::Scripted(Stop::CloseAfterPrepared),
+            |_| {},
+            RolledBack,
+            "transfer to b:",
+        ),
+        (
+            "target says failed",
+            Peer::Scripted(Stop::FailRestore),
+            |_| {},
+            RolledBack,
+            "restore on target failed: restore exploded",
+        ),
+    ];
+    for (what, peer, setup, end, error) in cases {
+        let p = Pair::new(peer);
+        setup(&p);
+        let (state, got) = state_and_error(&p.migrate().await);
+        assert_eq!(state, end, "{what}: {got}");
+        assert!(got.contains(error), "{what}: {got:?} lacks {error:?}");
+        assert_eq!(
+            p.a.engine.running(NAME),
+            Some(true),
+            "{what}: not running on the source"
+        );
+        let checkpointed = p.a.engine.calls().contains(&"checkpoint");
+        assert_eq!(checkpointed, end == RolledBack, "{what}");
+        assert!(
+            !p.a.engine.has_checkpoint(NAME, &checkpoint_name("j1")),
+            "{what}: checkpoint left"
+        );
+        if !p.b_statuses.all().is_empty() {
+            let b = p.b_statuses.final_of("j1").await;
+            assert_eq!(b.state, Failed, "{what}: target {b:?}");
+            assert!(!p.b.work_dir.join("staging").join("j1").exists(), "{what}");
+        }
+        assert_eq!(p.b.engine.running(NAME), None, "{what}: left on the target");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_rollback_ends_failed_with_the_first_reason() {
+    let p = Pair::new(Peer::Target);
+    p.b.engine.fail("restore");
+    p.a.engine.fail("restore");
+    let (state, error) = state_and_error(&p.migrate().await);
+    assert_eq!(state, JobState::Failed);
+    assert!(error.starts_with("restore on target failed"), "{error}");
+    assert_eq!(p.a.engine.running(NAME), Some(false));
+    assert_eq!(p.b.engine.running(NAME), None);
+}
+
+#[tokio::test]
+async fn after_the_commit_the_job_only_goes_forward() {
+    // The original cannot be removed: the workload still runs on the target.
+    let p = Pair::new(Peer::Target);
+    p.a.engine.fail("remove");
+    let (state, error) = state_and_error(&p.migrate().await);
+    assert_eq!(state, JobState::Failed);
+    assert!(
+        error.starts_with("cleanup: the workload runs on the target"),
+        "{error}"
+    );
+    assert_eq!(p.b.engine.running(NAME), Some(true));
+    assert_eq!(p.b_statuses.final_of("j1").await.state, JobState::Succeeded);
+    assert_eq!(
+        p.a.engine.running(NAME),
+        Some(false),
+        "no rollback after the commit"
+    );
+
+    // The target never confirms: the stopped original and its checkpoint stay.
+    let p = Pair::new(Peer::Scripted(Stop::CloseAfterCommit));
+    let (state, error) = state_and_error(&p.migrate().await);
+    assert_eq!(state, JobState::Failed);
+    assert!(
+        error.starts_with("target did not confirm the commit"),
+        "{error}"
+    );
+    assert_eq!(p.a.engine.running(NAME), Some(false));
+    assert!(p.a.engine.has_checkpoint(NAME, &checkpoint_name("j1")));
+}
+
+#[tokio::test]
+async fn a_cancel_before_the_checkpoint_leaves_the_container_running() {
+    let p = Pair::new(Peer::Target);
+    // The target's create runs while the source waits for `Prepared`.
+    p.cancel_at(&p.b, "create");
+    let (state, error) = state_and_error(&p.migrate().await);
+    assert_eq!(
+        (state, error.as_str()),
+        (JobState::Canceled, "canceled by request")
+    );
+    assert_eq!(p.a.engine.running(NAME), Some(true));
+    assert!(!p.a.engine.calls().contains(&"checkpoint"));
+    assert_eq!(p.b_statuses.final_of("j1").await.state, JobState::Failed);
+    assert_eq!(p.b.engine.running(NAME), None);
+}
+
+#[tokio::test]
+async fn a_cancel_during_the_checkpoint_restores_the_original() {
+    let p = Pair::new(Peer::Target);
+    let a = p.a.clone();
+    p.cancel_at(&a, "checkpoint");
+    let (state, _) = state_and_error(&p.migrate().await);
+    assert_eq!(state, JobState::Canceled);
+    assert_eq!(p.a.engine.running(NAME), Some(true));
+    assert!(p.a.engine.calls().contains(&"restore"), "rolled back");
+    assert_eq!(p.b_statuses.final_of("j1").await.state, JobState::Failed);
+    assert_eq!(p.b.engine.running(NAME), None);
+}
+
+/// The real race: a cancel from another thread at about the moment the
+/// target confirms the restore. Whoever wins, the workload runs on exactly
+/// one node and the canceler was told the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_racing_the_commit_ends_on_exactly_one_node() {
+    let mut seen = std::collections::BTreeMap::new();
+    for round in 0..40u64 {
+        let p = Pair::new(Peer::Target);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let a = Arc::downgrade(&p.a);
+        // The target's restore runs just before it answers `Restored`.
+        p.b.engine.on_call(move |call| {
+            if call == "restore" {
+                let (a, tx) = (a.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_micros(round * 50));
+                    let answer = a.upgrade().map(|a| a.jobs.cancel("j1"));
+                    let _ = tx.send(answer);
+                });
+            }
+        });
+        let status = p.migrate().await;
+        let answer = rx
+            .recv_timeout(WAIT)
+            .expect("the cancel ran")
+            .expect("node alive");
+        assert!(p.b_statuses.final_of("j1").await.state.is_final());
+        let (on_a, on_b) = (p.a.engine.running(NAME), p.b.engine.running(NAME));
+        match &answer {
+            Ok(()) => {
+                assert_eq!(status.state, JobState::Canceled, "round {round}");
+                assert_eq!((on_a, on_b), (Some(true), None), "round {round}");
+            }
+            Err(e) => {
+                // Committed, or already over by the time it arrived.
+                assert!(
+                    matches!(
+                        e,
+                        super::CancelError::Committed { .. }
+                            | super::CancelError::NotRunning { .. }
+                    ),
+                    "round {round}: {e}"
+                );
+                assert_eq!(status.state, JobState::Succeeded, "round {round}");
+                assert_eq!((on_a, on_b), (None, Some(true)), "round {round}");
+            }
+        }
+        *seen.entry(format!("{:?}", status.state)).or_insert(0) += 1;
+    }
+    println!("cancel vs commit over 40 rounds: {seen:?}");
+}
+
+// --- the target driver against a scripted source
+
+/// Where a scripted source stops following the protocol.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SourceStop {
+    CloseAfterPrepared,
+    ForeignStream,
+    CloseAfterRestored,
+    Commit,
+}
+
+fn prepare(job: &str) -> Prepare {
+    Prepare {
+        job_id: job.into(),
+        source_node: "a".into(),
+        target_node: "b".into(),
+        checkpoint: checkpoint_name(job),
+        spec: crate::runtime::ContainerSpec {
+            name: NAME.into(),
+            image: IMAGE.into(),
+            create_body: serde_json::json!({ "Image": IMAGE }),
+        },
+        estimate_bytes: 1 << 20,
+        arch: "x86_64".into(),
+        page_size: 4096,
+    }
+}
+
+/// Plays the source against `target::serve`; returns what it was told.
+async fn scripted_source(
+    b: &Arc<Node<FakeEngine>>,
+    prep: Prepare,
+    images: &Path,
+    stop: SourceStop,
+) -> Vec<ToSource> {
+    let (mut near, far) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(target::serve(b.clone(), far, Some(vec!["a".into()])));
+    let mut told = vec![];
+    let job = prep.job_id.clone();
+    protocol::send(&mut near, &ToTarget::Prepare(Box::new(prep)))
+        .await
+        .unwrap();
+    let answer = protocol::recv::<_, ToSource>(&mut near).await.unwrap();
+    let prepared = matches!(answer, ToSource::Prepared { .. });
+    told.push(answer);
+    if prepared && stop != SourceStop::CloseAfterPrepared {
+        let header = TransferHeader {
+            job_id: if stop == SourceStop::ForeignStream {
+                "other".into()
+            } else {
+                job.clone()
+            },
+            source_node: "a".into(),
+            target_node: "b".into(),
+            container: NAME.into(),
+            checkpoint: checkpoint_name(&job),
+        };
+        let sent =
+            wire::send_checkpoint(&mut near, &header, images, &SendOptions::default(), |_| {})
+                .await;
+        if sent.is_ok() {
+            told.push(protocol::recv::<_, ToSource>(&mut near).await.unwrap());
+            if stop == SourceStop::Commit {
+                protocol::send(&mut near, &ToTarget::Commit).await.unwrap();
+                told.push(protocol::recv::<_, ToSource>(&mut near).await.unwrap());
+            }
+        }
+    }
+    drop(near);
+    tokio::time::timeout(WAIT, served)
+        .await
+        .expect("serve ended")
+        .unwrap();
+    told
+}
+
+fn images(dir: &TempDir) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(images.join("pages-1.img"), vec![7u8; 300 * 1024]).unwrap();
+    images
+}
+
+#[tokio::test]
+async fn the_target_keeps_the_container_only_after_the_commit() {
+    let dir = TempDir::new("target-driver");
+    let imgs = images(&dir);
+    for stop in [
+        SourceStop::CloseAfterPrepared,
+        SourceStop::ForeignStream,
+        SourceStop::CloseAfterRestored,
+        SourceStop::Commit,
+    ] {
+        let (b, statuses) = test_node("b", &dir, Box::new(|_| unreachable!()));
+        let job = format!("{stop:?}").to_lowercase();
+        let told = scripted_source(&b, prepare(&job), &imgs, stop).await;
+        let last = statuses.final_of(&job).await;
+        let kept = b.engine.running(NAME);
+        if stop == SourceStop::Commit {
+            assert_eq!(told.last(), Some(&ToSource::Committed), "{told:?}");
+            assert_eq!((last.state, kept), (JobState::Succeeded, Some(true)));
+            assert!(!b.engine.has_checkpoint(NAME, &checkpoint_name(&job)));
+        } else {
+            assert_eq!(last.state, JobState::Failed, "{stop:?}: {last:?}");
+            assert_eq!(kept, None, "{stop:?}: the created container is left");
+            assert!(b.engine.calls().contains(&"remove"), "{stop:?}");
+        }
+        if stop == SourceStop::CloseAfterRestored {
+            assert_eq!(
+                last.error.as_deref(),
+                Some("source closed the connection before committing")
+            );
+        }
+        if stop == SourceStop::ForeignStream {
+            let error = last.error.unwrap_or_default();
+            assert!(error.contains("does not match the prepared job"), "{error}");
+        }
+        assert!(
+            !b.work_dir.join("staging").join(&job).exists(),
+            "{stop:?}: staging left"
+        );
+        assert!(b.jobs.is_empty(), "{stop:?}: still registered");
+        // b's engine and work dir are reused: start the next case clean.
+        std::fs::remove_dir_all(&b.engine_info.root_dir).ok();
+    }
+}
+
+#[tokio::test]
+async fn the_target_refuses_what_is_not_for_it_and_publishes_nothing() {
+    let dir = TempDir::new("target-refusals");
+    let imgs = images(&dir);
+    let (b, statuses) = test_node("b", &dir, Box::new(|_| unreachable!()));
+    let mut wrong_node = prepare("j2");
+    wrong_node.target_node = "c".into();
+    let mut wrong_source = prepare("j3");
+    wrong_source.source_node = "c".into();
+    let mut wrong_checkpoint = prepare("j4");
+    wrong_checkpoint.checkpoint = "ferry-j1".into();
+    let _running = b.jobs.try_register("j5", "x", Role::Target).unwrap();
+    let cases = [
+        (wrong_node, "job is for node c, this is b"),
+        (wrong_source, "not the job's source node c"),
+        (wrong_checkpoint, "does not belong to job j4"),
+        (prepare("j5"), "job j5 is already running on b"),
+    ];
+    for (prep, reason) in cases {
+        let told = scripted_source(&b, prep, &imgs, SourceStop::Commit).await;
+        assert!(
+            matches!(&told[..], [ToSource::Refused { reason: r }] if r.contains(reason)),
+            "{told:?} lacks {reason:?}"
+        );
+    }
+    assert!(statuses.all().is_empty(), "{:?}", statuses.all());
+    assert!(b.engine.calls().is_empty(), "{:?}", b.engine.calls());
+}

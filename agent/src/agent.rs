@@ -40,8 +40,6 @@ const PEER_STATUS_WAIT: Duration = Duration::from_secs(3);
 const ROLLBACK_GRACE: Duration = Duration::from_secs(25);
 /// How long the broker connection gets to say goodbye.
 const MQTT_GOODBYE: Duration = Duration::from_secs(5);
-/// The job ids seen before, under the work dir.
-const LEDGER_FILE: &str = "jobs-seen";
 
 /// What only the agent itself can fail at; the modules' own errors join
 /// these in [`crate::Error`].
@@ -387,7 +385,7 @@ fn open_work_dir(config: &AgentConfig) -> Result<JobLedger, AgentError> {
             warn!(path = %staging.display(), error = %e, "cannot clear stale staging");
         }
     }
-    JobLedger::open(config.work_dir.join(LEDGER_FILE)).map_err(failed)
+    JobLedger::open(config.work_dir.join(JobLedger::FILE_NAME)).map_err(failed)
 }
 
 fn broker_settings(

@@ -20,12 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::runtime::ContainerSpec;
 use crate::stream::{wire, StreamError};
 
-/// Control messages are small; anything larger is a broken or hostile peer.
-/// Larger than the stream's own header/verdict limit (64 KiB in
-/// `stream::wire`) on purpose: a `Prepare` carries the container's whole
-/// create body (environment, labels, mounts), which a job's 16 KiB MQTT
-/// payload never does. Both use the same framing (`wire::read_json_frame`).
-pub const MAX_MESSAGE: u32 = 256 * 1024;
+/// Control messages share the data connection's frame cap: a `Prepare`
+/// carries the whole create body (env, labels, mounts).
+pub use crate::stream::wire::MAX_MESSAGE;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]

@@ -178,9 +178,13 @@ fn files_volumes_and_image_move_with_a_checkpoint() {
         "no"
     );
     let checkpoint = "ferry-state-test";
+    let options = ferry_agent::runtime::CheckpointOptions {
+        tcp: ferry_agent::runtime::TcpDump::Plain,
+    };
     let dir = rt
-        .block_on(d1.checkpoint(&container.id, checkpoint))
-        .unwrap();
+        .block_on(d1.checkpoint(&container.id, checkpoint, options))
+        .unwrap()
+        .dir;
     let estimate = rt
         .block_on(StateEngine::estimate_state_bytes(&d1, &container.id, &plan))
         .unwrap();
@@ -372,7 +376,13 @@ fn restart_policy_comes_back_on_rollback() {
     let c = rt.block_on(d1.inspect(&name)).unwrap();
     let before = rt.block_on(d1.pause_restart_policy(&c.id)).unwrap();
     let checkpoint = "ferry-policy-test";
-    let dir = rt.block_on(d1.checkpoint(&c.id, checkpoint)).unwrap();
+    let options = ferry_agent::runtime::CheckpointOptions {
+        tcp: ferry_agent::runtime::TcpDump::Plain,
+    };
+    let dir = rt
+        .block_on(d1.checkpoint(&c.id, checkpoint, options))
+        .unwrap()
+        .dir;
     let policy = |n: &Node| {
         n.docker_ok(&[
             "inspect",

@@ -99,7 +99,9 @@ impl Agent {
     /// Start-up: everything that can fail does so here, before the broker
     /// hears of this node.
     async fn start(config: &AgentConfig) -> Result<Agent, crate::Error> {
-        let engine = Docker::connect(&config.docker).await?;
+        let engine = Docker::connect(&config.docker)
+            .await?
+            .with_checkpoint(config.runc.clone(), config.criu_config.clone());
         let engine_info = engine.info().await?;
         let criu = crate::sysinfo::criu_status();
         if let Err(why) = &criu {
@@ -340,6 +342,7 @@ impl Agent {
                     target,
                     rate_limit,
                     zstd_level: options.zstd_level,
+                    tcp: options.tcp,
                 };
                 self.spawn_migration(job);
             }

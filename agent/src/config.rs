@@ -9,8 +9,16 @@ use serde::Deserialize;
 
 use crate::mqtt::contract::{validate_id, Topics, DEFAULT_TOPIC_ROOT};
 use crate::mqtt::BrokerUrl;
+use crate::runtime::RuncSettings;
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// dockerd's default `--exec-root`; runc's state is below it.
+pub const DEFAULT_DOCKER_EXEC_ROOT: &str = "/run/docker";
+/// Debian's docker.io runs the `runc` package's binary, found on PATH.
+pub const DEFAULT_RUNC: &str = "runc";
+/// runc's own default: `criu` on PATH.
+pub const DEFAULT_CRIU: &str = "criu";
+pub use crate::runtime::docker::DEFAULT_CRIU_CONFIG;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 /// Staging in RAM is only chosen when this much memory is available.
 pub const TMPFS_MIN_AVAILABLE: u64 = 1 << 30;
@@ -88,6 +96,21 @@ pub struct AgentSettings {
     /// Seconds a SIGTERM drain may take before the agent gives up waiting.
     #[arg(long)]
     pub drain_timeout_secs: Option<u64>,
+    /// Checkpoints go through `runc` (default: straight into the engine's checkpoint folder) or `engine` (Docker's own call).
+    #[arg(long)]
+    pub checkpoint_with: Option<String>,
+    /// The Docker daemon's exec-root (dockerd --exec-root; default /run/docker).
+    #[arg(long)]
+    pub docker_exec_root: Option<PathBuf>,
+    /// The runc the engine runs (a name on PATH or an absolute path; default runc).
+    #[arg(long)]
+    pub runc_path: Option<PathBuf>,
+    /// The CRIU the engine's runc runs (a name on PATH or an absolute path; default criu).
+    #[arg(long)]
+    pub criu_path: Option<PathBuf>,
+    /// The CRIU configuration file runc hands CRIU on this node (default /etc/criu/runc.conf).
+    #[arg(long)]
+    pub criu_config: Option<PathBuf>,
 }
 
 impl AgentSettings {
@@ -117,6 +140,11 @@ impl AgentSettings {
             tls_key: self.tls_key.or(file.tls_key),
             insecure: self.insecure || file.insecure,
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
+            checkpoint_with: self.checkpoint_with.or(file.checkpoint_with),
+            docker_exec_root: self.docker_exec_root.or(file.docker_exec_root),
+            runc_path: self.runc_path.or(file.runc_path),
+            criu_path: self.criu_path.or(file.criu_path),
+            criu_config: self.criu_config.or(file.criu_config),
         }
     }
 
@@ -192,7 +220,37 @@ impl AgentSettings {
                 format!("{} must be an absolute path", work_dir.display()),
             ));
         }
+        let exec_root = self
+            .docker_exec_root
+            .unwrap_or_else(|| DEFAULT_DOCKER_EXEC_ROOT.into());
+        absolute("docker_exec_root", &exec_root)?;
+        let runc_path = self.runc_path.unwrap_or_else(|| DEFAULT_RUNC.into());
+        program("runc_path", &runc_path)?;
+        let criu_path = self.criu_path.unwrap_or_else(|| DEFAULT_CRIU.into());
+        program("criu_path", &criu_path)?;
+        let criu_config = self
+            .criu_config
+            .unwrap_or_else(|| DEFAULT_CRIU_CONFIG.into());
+        absolute("criu_config", &criu_config)?;
+        let runc = match self.checkpoint_with.as_deref().unwrap_or("runc") {
+            "runc" => Some(RuncSettings {
+                runc: runc_path,
+                exec_root,
+                criu: criu_path,
+                work_root: work_dir.clone(),
+                systemd_cgroup: false,
+            }),
+            "engine" => None,
+            other => {
+                return Err(invalid(
+                    "checkpoint_with",
+                    format!("{other:?} is not \"runc\" or \"engine\""),
+                ))
+            }
+        };
         Ok(AgentConfig {
+            runc,
+            criu_config,
             node_id,
             mqtt,
             docker: self
@@ -226,6 +284,39 @@ pub struct AgentConfig {
     pub tls: Option<crate::stream::tls::TlsFiles>,
     pub insecure: bool,
     pub drain_timeout: Duration,
+    /// How checkpoints reach runc; `None`: through the engine's own call.
+    pub runc: Option<RuncSettings>,
+    /// The CRIU configuration file runc hands CRIU here.
+    pub criu_config: PathBuf,
+}
+
+fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{} must be an absolute path", path.display()),
+        ))
+    }
+}
+
+/// A program is a bare name (looked up on PATH) or an absolute path.
+fn program(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let text = path.as_os_str();
+    if text.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if path.components().count() > 1 && !path.is_absolute() {
+        return Err(invalid(
+            field,
+            format!(
+                "{} must be a name on PATH or an absolute path",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// RAM staging (tmpfs under /run) when the machine has the memory for it:
@@ -276,6 +367,37 @@ mod tests {
         assert_eq!(c.topics.root(), DEFAULT_TOPIC_ROOT);
         assert_eq!(c.docker, DEFAULT_DOCKER_SOCKET);
         assert_eq!(c.advertise, None);
+        assert_eq!(c.criu_config, Path::new(DEFAULT_CRIU_CONFIG));
+        let runc = c.runc.expect("runc is the default checkpoint path");
+        assert_eq!(runc.runc, Path::new("runc"));
+        assert_eq!(runc.criu, Path::new("criu"));
+        assert_eq!(runc.exec_root, Path::new("/run/docker"));
+        assert_eq!(runc.work_root, Path::new("/tmp/ferry"));
+    }
+
+    #[test]
+    fn checkpoint_settings_are_taken_and_checked() {
+        let c = AgentSettings {
+            checkpoint_with: Some("engine".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap();
+        assert!(c.runc.is_none());
+        let c = AgentSettings {
+            docker_exec_root: Some("/tmp/fb/node1/exec".into()),
+            runc_path: Some("/usr/sbin/runc".into()),
+            criu_path: Some("/tmp/fb/node1/bin/criu".into()),
+            criu_config: Some("/tmp/fb/node1/criu.conf".into()),
+            ..minimal()
+        }
+        .validate()
+        .unwrap();
+        let runc = c.runc.unwrap();
+        assert_eq!(runc.exec_root, Path::new("/tmp/fb/node1/exec"));
+        assert_eq!(runc.runc, Path::new("/usr/sbin/runc"));
+        assert_eq!(runc.criu, Path::new("/tmp/fb/node1/bin/criu"));
+        assert_eq!(c.criu_config, Path::new("/tmp/fb/node1/criu.conf"));
     }
 
     #[test]
@@ -343,6 +465,41 @@ mod tests {
                     ..minimal()
                 },
                 "work_dir",
+            ),
+            (
+                AgentSettings {
+                    checkpoint_with: Some("criu".into()),
+                    ..minimal()
+                },
+                "checkpoint_with",
+            ),
+            (
+                AgentSettings {
+                    docker_exec_root: Some("run/docker".into()),
+                    ..minimal()
+                },
+                "docker_exec_root",
+            ),
+            (
+                AgentSettings {
+                    runc_path: Some("bin/runc".into()),
+                    ..minimal()
+                },
+                "runc_path",
+            ),
+            (
+                AgentSettings {
+                    criu_path: Some("".into()),
+                    ..minimal()
+                },
+                "criu_path",
+            ),
+            (
+                AgentSettings {
+                    criu_config: Some("criu.conf".into()),
+                    ..minimal()
+                },
+                "criu_config",
             ),
         ];
         for (settings, field) in cases {

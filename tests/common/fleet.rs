@@ -207,6 +207,14 @@ impl<B: Broker> Fleet<B> {
         cmd.arg("agent")
             .args(["--node-id", &node.name, "--mqtt", &self.broker.url()])
             .args(["--docker", &node.docker_host])
+            // Checkpoints through runc on the node's own runc state, with the
+            // node's CRIU wrapper (fail-criu, criu.conf) and CRIU config.
+            .arg("--docker-exec-root")
+            .arg(&node.exec_root)
+            .arg("--criu-path")
+            .arg(node.dir.join("bin/criu"))
+            .arg("--criu-config")
+            .arg(node.dir.join("criu.conf"))
             .args(["--listen", &listen.to_string()])
             .arg("--work-dir")
             .arg(self.work_dir(n))

@@ -176,11 +176,19 @@ pub struct MigrateArgs {
     pub rate_limit: Option<String>,
     #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
+    /// Established TCP connections: close (peers reconnect), established (kept) or refuse.
+    #[arg(long, value_parser = parse_tcp)]
+    pub tcp: Option<crate::runtime::TcpMode>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+}
+
+fn parse_tcp(s: &str) -> Result<crate::runtime::TcpMode, String> {
+    s.parse()
+        .map_err(|()| format!("{s:?} is not close, established or refuse"))
 }
 
 /// Publishes a migrate job and follows it to its final state. Returns the
@@ -210,6 +218,9 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
     ];
     let mut session = Session::open(&args.broker, subscriptions).await?;
     let mut options = serde_json::json!({ "zstd_level": args.zstd_level });
+    if let Some(tcp) = args.tcp {
+        options["tcp"] = tcp.as_str().into();
+    }
     if let Some(rate) = &args.rate_limit {
         options["rate_limit"] = serde_json::Value::String(rate.clone());
     }

@@ -80,6 +80,11 @@ pub enum CheckError {
         node: String,
         source: Box<RuntimeError>,
     },
+    #[error("container {container}: {refusal}")]
+    Tcp {
+        container: String,
+        refusal: crate::runtime::sockets::TcpRefusal,
+    },
     #[error("stream for job {job_id} from {source_node} does not match the prepared job {expected_job} from {expected_source}")]
     StreamMismatch {
         job_id: String,

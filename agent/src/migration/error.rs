@@ -62,6 +62,10 @@ pub enum MigrationError {
     // --- source: the container is (or may be) stopped
     #[error("checkpoint: {0}")]
     Checkpoint(RuntimeError),
+    #[error("cannot read the TCP connections of the container: {0}")]
+    TcpState(RuntimeError),
+    #[error("checkpoint not started: {0}")]
+    TcpAtCheckpoint(crate::runtime::sockets::TcpRefusal),
     #[error("transfer: {0}")]
     CheckpointDir(RuntimeError),
     #[error("transfer to {target}: {source}")]

@@ -14,7 +14,7 @@ use super::machine::{Outcome, SourceMachine, Step};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
 use crate::mqtt::contract::{JobStatus, Role};
-use crate::runtime::{Container, Engine};
+use crate::runtime::{sockets, CheckpointOptions, Container, Engine, TcpDump, TcpMode};
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
 /// A migrate job as accepted from MQTT.
@@ -25,6 +25,8 @@ pub struct MigrateJob {
     pub target: String,
     pub rate_limit: Option<u64>,
     pub zstd_level: i32,
+    /// What happens to the container's established TCP connections.
+    pub tcp: TcpMode,
 }
 
 /// What a migrate job must pass before it is accepted, and again in the
@@ -41,6 +43,26 @@ pub async fn check_ready<E: Engine>(
     check::running(asked, &node.id, container)?;
     let peer = node.peers.wait_for(target, peer_wait).await;
     check::target_ready(&node.facts(), target, peer.as_ref())
+}
+
+/// How the checkpoint must treat the established TCP connections of
+/// container `id` under the job's `tcp` mode, or why the job stops here.
+async fn tcp_plan<E: Engine>(
+    node: &Node<E>,
+    job: &MigrateJob,
+    id: &str,
+) -> Result<TcpDump, MigrationError> {
+    let state = node
+        .engine
+        .tcp_state(id)
+        .await
+        .map_err(MigrationError::TcpState)?;
+    sockets::plan(job.tcp, &state).map_err(|refusal| {
+        MigrationError::Precheck(CheckError::Tcp {
+            container: job.container.clone(),
+            refusal,
+        })
+    })
 }
 
 /// Runs the job to its final state; `guard` keeps it registered meanwhile.
@@ -101,7 +123,7 @@ impl<E: Engine> Driver<'_, E> {
                 r = self.prepare_target() => r,
             },
             // Not interruptible: the engine finishes the call regardless.
-            Step::Checkpoint => self.checkpoint().await,
+            Step::Checkpoint => self.checkpoint(machine).await,
             Step::Transfer => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,
@@ -171,6 +193,7 @@ impl<E: Engine> Driver<'_, E> {
         )
         .await
         .map_err(MigrationError::Precheck)?;
+        tcp_plan(node, job, &container.id).await?;
         let estimate = node.engine.memory_usage(&container.id).await.unwrap_or(0);
         let root = &node.engine_info.root_dir;
         let free = crate::sysinfo::free_disk(root).unwrap_or(u64::MAX);
@@ -232,14 +255,29 @@ impl<E: Engine> Driver<'_, E> {
         }
     }
 
-    async fn checkpoint(&mut self) -> Result<(), MigrationError> {
-        let id = &self.container()?.id;
-        self.node
+    async fn checkpoint(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let id = self.container()?.id.clone();
+        // Again right before the dump: a connection opened since the
+        // precheck must not make a checkpoint that cannot be restored.
+        let tcp = match tcp_plan(node, job, &id).await {
+            Err(MigrationError::Precheck(CheckError::Tcp { refusal, .. })) => {
+                return Err(MigrationError::TcpAtCheckpoint(refusal))
+            }
+            other => other?,
+        };
+        let done = node
             .engine
-            .checkpoint(id, &checkpoint_name(&self.job.job_id))
+            .checkpoint(
+                &id,
+                &checkpoint_name(&job.job_id),
+                CheckpointOptions { tcp },
+            )
             .await
-            .map(|_| ())
-            .map_err(MigrationError::Checkpoint)
+            .map_err(MigrationError::Checkpoint)?;
+        info!(job = %job.job_id, via = ?done.via, dir = %done.dir.display(), ?tcp, "checkpointed");
+        machine.checkpointed(&done.via, now_ms());
+        Ok(())
     }
 
     async fn transfer(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {

@@ -20,7 +20,8 @@ use super::{
 };
 use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Role};
 use crate::runtime::fake::FakeEngine;
-use crate::runtime::EngineInfo;
+use crate::runtime::sockets::{CriuTcpOptions, TcpConn};
+use crate::runtime::{CheckpointOptions, EngineInfo, TcpDump, TcpMode, TcpState};
 use crate::stream::archive::UnpackLimits;
 use crate::stream::testutil::TempDir;
 use crate::stream::wire::{self, SendOptions, TransferHeader};
@@ -191,6 +192,11 @@ impl Pair {
 
     /// Runs job `j1` on the source to its end; returns its final status.
     async fn migrate(&self) -> JobStatus {
+        self.migrate_with(TcpMode::Close).await
+    }
+
+    /// [`Pair::migrate`] with the job's `tcp` mode.
+    async fn migrate_with(&self, tcp: TcpMode) -> JobStatus {
         let guard = self
             .a
             .jobs
@@ -202,6 +208,7 @@ impl Pair {
             target: "b".into(),
             rate_limit: None,
             zstd_level: 3,
+            tcp,
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -417,6 +424,72 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             assert!(!p.b.work_dir.join("staging").join("j1").exists(), "{what}");
         }
         assert_eq!(p.b.engine.running(NAME), None, "{what}: left on the target");
+    }
+}
+
+/// One established connection; restores here get `tcp-close` if `close`.
+fn connected(close: bool) -> TcpState {
+    TcpState {
+        established: vec![TcpConn {
+            local: "10.0.0.2:40000".parse().unwrap(),
+            remote: "10.0.0.1:1883".parse().unwrap(),
+        }],
+        restore: CriuTcpOptions {
+            tcp_close: close,
+            tcp_established: false,
+        },
+        restore_config: "/etc/criu/runc.conf".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_open_connection_is_closed_at_the_checkpoint_where_restores_allow_it() {
+    let p = Pair::new(Peer::Target);
+    p.a.engine.set_tcp(connected(true));
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert_eq!(status.checkpoint_via.as_deref(), Some("runc"));
+    assert_eq!(
+        p.a.engine.checkpoints(),
+        [CheckpointOptions {
+            tcp: TcpDump::Close
+        }]
+    );
+}
+
+#[tokio::test]
+async fn without_connections_the_dump_takes_no_tcp_option() {
+    let p = Pair::new(Peer::Target);
+    let status = p.migrate_with(TcpMode::Refuse).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert_eq!(
+        p.a.engine.checkpoints(),
+        [CheckpointOptions {
+            tcp: TcpDump::Plain
+        }]
+    );
+}
+
+#[tokio::test]
+async fn connections_the_job_or_the_node_cannot_carry_stop_it_before_anything_stops() {
+    for (tcp, restore_close, want) in [
+        (TcpMode::Refuse, true, "job says tcp=refuse"),
+        (
+            TcpMode::Close,
+            false,
+            "needs `tcp-close` in /etc/criu/runc.conf",
+        ),
+        (TcpMode::Established, true, "needs `tcp-established`"),
+    ] {
+        let p = Pair::new(Peer::Target);
+        p.a.engine.set_tcp(connected(restore_close));
+        let (state, error) = state_and_error(&p.migrate_with(tcp).await);
+        assert_eq!(state, JobState::Failed, "{tcp}");
+        assert!(error.starts_with("precheck: container web: the container holds 1 established TCP connection(s) (10.0.0.2:40000 -> 10.0.0.1:1883)"), "{error}");
+        assert!(error.contains(want), "{tcp}: {error}");
+        assert!(p.a.engine.checkpoints().is_empty(), "{tcp}: no checkpoint");
+        assert_eq!(p.a.engine.running(NAME), Some(true), "{tcp}");
+        assert_eq!(p.b.engine.running(NAME), None, "{tcp}");
     }
 }
 

@@ -12,6 +12,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
+pub use crate::runtime::TcpMode;
+
 /// Default first levels of every topic.
 pub const DEFAULT_TOPIC_ROOT: &str = "ferry/v1";
 /// Longest node id, job id or container name.
@@ -60,6 +62,8 @@ pub enum ContractError {
     ZstdLevel(String),
     #[error("rate_limit {0}")]
     RateLimit(String),
+    #[error("tcp {0} is not close, established or refuse")]
+    Tcp(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
 }
@@ -277,6 +281,8 @@ pub struct MigrateOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateSpec>,
     pub zstd_level: i32,
+    /// What happens to the container's established TCP connections.
+    pub tcp: TcpMode,
 }
 
 impl Default for MigrateOptions {
@@ -284,6 +290,7 @@ impl Default for MigrateOptions {
         MigrateOptions {
             rate_limit: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            tcp: TcpMode::default(),
         }
     }
 }
@@ -374,7 +381,7 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
             })
         }
     };
-    deny_unknown(obj, "options.", &["rate_limit", "zstd_level"])?;
+    deny_unknown(obj, "options.", &["rate_limit", "zstd_level", "tcp"])?;
 
     let rate_limit = match obj.get("rate_limit") {
         None | Some(Value::Null) => None,
@@ -412,9 +419,21 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
         }
     };
 
+    let tcp = match obj.get("tcp") {
+        None | Some(Value::Null) => TcpMode::default(),
+        Some(Value::String(s)) => s.parse().map_err(|()| ContractError::Tcp(quoted(s)))?,
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "options.tcp",
+                expected: "one of \"close\", \"established\", \"refuse\"",
+            })
+        }
+    };
+
     Ok(MigrateOptions {
         rate_limit,
         zstd_level,
+        tcp,
     })
 }
 
@@ -609,6 +628,13 @@ pub struct JobStatus {
     pub timings_ms: BTreeMap<Phase, u64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Source only: how the checkpoint was taken, `runc` (straight into
+    /// the engine's checkpoint folder) or `engine` (the engine's own call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_via: Option<String>,
+    /// Why the engine's call was used instead of runc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_fallback: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -637,6 +663,8 @@ impl JobStatus {
             rate_bps: 0,
             timings_ms: BTreeMap::new(),
             error: None,
+            checkpoint_via: None,
+            checkpoint_fallback: None,
             updated_ms,
         }
     }
@@ -687,7 +715,7 @@ mod tests {
     fn migrate_with_all_options() {
         let j = job(
             r#"{"action":"migrate","container":"counter","target":"node-b",
-                      "options":{"rate_limit":"10MiB/s","zstd_level":5}}"#,
+                      "options":{"rate_limit":"10MiB/s","zstd_level":5,"tcp":"refuse"}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -697,7 +725,8 @@ mod tests {
                 target: "node-b".into(),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("10MiB/s".into())),
-                    zstd_level: 5
+                    zstd_level: 5,
+                    tcp: TcpMode::Refuse,
                 }
             }
         );
@@ -721,6 +750,7 @@ mod tests {
         };
         assert_eq!(options.rate_limit, Some(RateSpec::Bytes(20 * 1024 * 1024)));
         assert_eq!(options.zstd_level, 3);
+        assert_eq!(options.tcp, TcpMode::Close);
     }
 
     #[test]
@@ -751,6 +781,7 @@ mod tests {
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("20MiB/s".into())),
                     zstd_level: 7,
+                    tcp: TcpMode::Established,
                 },
             },
             JobRequest::Migrate {
@@ -759,6 +790,7 @@ mod tests {
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Bytes(1000)),
                     zstd_level: 1,
+                    tcp: TcpMode::Refuse,
                 },
             },
             JobRequest::Migrate {
@@ -857,6 +889,14 @@ mod tests {
             (
                 r#"{"action":"migrate","container":"c","target":"b","options":{"rate_limit":-5}}"#,
                 r#"invalid field "options.rate_limit": expected a string"#,
+            ),
+            (
+                r#"{"action":"migrate","container":"c","target":"b","options":{"tcp":"keep"}}"#,
+                r#"tcp "keep" is not close, established or refuse"#,
+            ),
+            (
+                r#"{"action":"migrate","container":"c","target":"b","options":{"tcp":true}}"#,
+                r#"invalid field "options.tcp": expected one of "close""#,
             ),
             (
                 r#"{"action":"migrate","container":"c","target":"b","options":[]}"#,

@@ -2,24 +2,42 @@
 //! bollard on the daemon's unix socket, with the API version negotiated down
 //! to what the daemon speaks (Debian 12's Docker 20.10 speaks 1.41).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bollard::container::CreateCheckpointOptions;
 use bollard::models::ContainerCreateBody;
+use bollard::models::SystemInfoCgroupDriverEnum;
 use bollard::query_parameters::{
     CreateContainerOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
 };
 use bollard::BollardRequest;
 use futures_util::StreamExt;
+use tracing::{info, warn};
 
-use super::{Container, ContainerSpec, Engine, EngineInfo, RuntimeError};
+use super::runc::RuncSettings;
+use super::sockets::{parse_proc_net_tcp, CriuTcpOptions, TcpState};
+use super::{
+    CheckpointOptions, CheckpointVia, Checkpointed, Container, ContainerSpec, Engine, EngineInfo,
+    RuntimeError,
+};
 
 /// Longest wait for one engine call; a checkpoint or restore of a large
 /// container through Docker's content store takes tens of seconds.
 const TIMEOUT_SECS: u64 = 600;
+/// runc's default CRIU configuration file, handed to CRIU on every
+/// checkpoint and restore of a container without an `org.criu.config`
+/// annotation (Docker 20.10 cannot set one).
+pub const DEFAULT_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
+/// How long the engine may take to see a container stopped by runc.
+const STOP_SEEN_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_POLL: Duration = Duration::from_millis(25);
 
 pub struct Docker {
     api: bollard::Docker,
+    /// `None`: checkpoints go through the engine's own call.
+    runc: Option<RuncSettings>,
+    criu_config: PathBuf,
 }
 
 impl Docker {
@@ -37,7 +55,59 @@ impl Docker {
                 .negotiate_version()
                 .await
                 .map_err(connect_err)?;
-        Ok(Self { api })
+        Ok(Self {
+            api,
+            runc: None,
+            criu_config: DEFAULT_CRIU_CONFIG.into(),
+        })
+    }
+
+    /// Checkpoints through runc directly with `runc` (`None`: through the
+    /// engine); `criu_config` is the CRIU configuration file the engine's
+    /// runc hands CRIU (what restores on this node are told).
+    pub fn with_checkpoint(mut self, runc: Option<RuncSettings>, criu_config: PathBuf) -> Self {
+        self.runc = runc;
+        self.criu_config = criu_config;
+        self
+    }
+
+    /// Docker's own checkpoint call (through containerd's content store).
+    async fn engine_checkpoint(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
+        let options = CreateCheckpointOptions {
+            checkpoint_id: checkpoint.to_string(),
+            checkpoint_dir: None,
+            exit: true,
+        };
+        self.api
+            .create_checkpoint(id, options)
+            .await
+            .map_err(engine_err("checkpoint", id))
+    }
+
+    /// Waits until the engine shows `id` stopped: runc killed it, and
+    /// dockerd hears of that through containerd a moment later.
+    async fn wait_stopped(&self, id: &str) -> Result<(), RuntimeError> {
+        let deadline = tokio::time::Instant::now() + STOP_SEEN_TIMEOUT;
+        loop {
+            let c = self
+                .api
+                .inspect_container(id, None)
+                .await
+                .map_err(engine_err("inspect", id))?;
+            if !c.state.and_then(|s| s.running).unwrap_or(false) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Engine {
+                    call: "checkpoint",
+                    subject: id.to_string(),
+                    message: format!(
+                        "runc checkpointed and stopped it, but the engine still shows it running after {STOP_SEEN_TIMEOUT:?}"
+                    ),
+                });
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
     }
 
     /// The bollard client, for the state-transfer calls in sibling modules.
@@ -89,6 +159,15 @@ fn with_checkpoint(mut req: BollardRequest, checkpoint: &str) -> BollardRequest 
     let uri = format!("{}{sep}checkpoint={checkpoint}", req.uri());
     *req.uri_mut() = uri.parse().unwrap_or_default();
     req
+}
+
+/// `<root>/containers/<id>/checkpoints/<name>`: where the engine keeps a
+/// container's checkpoint and `start?checkpoint=<name>` looks for it.
+fn checkpoint_path(root: &Path, id: &str, checkpoint: &str) -> PathBuf {
+    root.join("containers")
+        .join(id)
+        .join("checkpoints")
+        .join(checkpoint)
 }
 
 pub(super) fn engine_err(
@@ -216,26 +295,104 @@ impl Engine for Docker {
         Ok(created.id)
     }
 
-    async fn checkpoint(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
-        let options = CreateCheckpointOptions {
-            checkpoint_id: checkpoint.to_string(),
-            checkpoint_dir: None,
-            exit: true,
-        };
-        self.api
-            .create_checkpoint(id, options)
+    async fn checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        options: CheckpointOptions,
+    ) -> Result<Checkpointed, RuntimeError> {
+        let info = self
+            .api
+            .info()
             .await
-            .map_err(engine_err("checkpoint", id))?;
-        self.checkpoint_dir(id, checkpoint).await
+            .map_err(engine_err("info", "engine"))?;
+        let root = PathBuf::from(
+            info.docker_root_dir
+                .unwrap_or_else(|| "/var/lib/docker".into()),
+        );
+        let dir = checkpoint_path(&root, id, checkpoint);
+        let reason = match &self.runc {
+            None => {
+                "the agent is set to checkpoint through the engine (checkpoint_with = \"engine\")"
+                    .to_string()
+            }
+            Some(settings) => {
+                let mut runc = settings.clone();
+                runc.systemd_cgroup =
+                    info.cgroup_driver == Some(SystemInfoCgroupDriverEnum::SYSTEMD);
+                match runc.usable(id).await {
+                    Ok(()) => {
+                        runc.checkpoint(id, checkpoint, &dir, options.tcp).await?;
+                        self.wait_stopped(id).await?;
+                        info!(container = %id, dir = %dir.display(), "checkpointed through runc");
+                        return Ok(Checkpointed {
+                            dir,
+                            via: CheckpointVia::Runc,
+                        });
+                    }
+                    Err(why) => why.to_string(),
+                }
+            }
+        };
+        warn!(container = %id, %reason, "checkpoint through the engine's own call");
+        self.engine_checkpoint(id, checkpoint).await?;
+        Ok(Checkpointed {
+            dir,
+            via: CheckpointVia::Engine { reason },
+        })
+    }
+
+    async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {
+        let c = self
+            .api
+            .inspect_container(id, None)
+            .await
+            .map_err(engine_err("inspect", id))?;
+        let pid = c.state.and_then(|s| s.pid).unwrap_or(0);
+        if pid <= 0 {
+            return Err(RuntimeError::Engine {
+                call: "tcp connections",
+                subject: id.to_string(),
+                message: "the container has no process".into(),
+            });
+        }
+        let mut established = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            let path = format!("/proc/{pid}/net/{table}");
+            match std::fs::read_to_string(&path) {
+                Ok(text) => established.extend(parse_proc_net_tcp(&text)),
+                // No IPv6 in the kernel: no tcp6 table.
+                Err(e) if table == "tcp6" && e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(RuntimeError::Engine {
+                        call: "tcp connections",
+                        subject: id.to_string(),
+                        message: format!("cannot read {path}: {e}"),
+                    })
+                }
+            }
+        }
+        let restore = match std::fs::read_to_string(&self.criu_config) {
+            Ok(text) => CriuTcpOptions::parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CriuTcpOptions::default(),
+            Err(e) => {
+                return Err(RuntimeError::Engine {
+                    call: "tcp connections",
+                    subject: id.to_string(),
+                    message: format!("cannot read {}: {e}", self.criu_config.display()),
+                })
+            }
+        };
+        Ok(TcpState {
+            established,
+            restore,
+            restore_config: self.criu_config.display().to_string(),
+        })
     }
 
     async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
         let root = self.info().await?.root_dir;
-        Ok(root
-            .join("containers")
-            .join(id)
-            .join("checkpoints")
-            .join(checkpoint))
+        Ok(checkpoint_path(&root, id, checkpoint))
     }
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
@@ -310,7 +467,14 @@ mod tests {
             },
         )
         .unwrap();
-        (Docker { api }, seen)
+        (
+            Docker {
+                api,
+                runc: None,
+                criu_config: DEFAULT_CRIU_CONFIG.into(),
+            },
+            seen,
+        )
     }
 
     #[tokio::test]

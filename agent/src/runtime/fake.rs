@@ -7,7 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{Container, ContainerSpec, Engine, EngineInfo, RuntimeError};
+use super::{
+    CheckpointOptions, CheckpointVia, Checkpointed, Container, ContainerSpec, Engine, EngineInfo,
+    RuntimeError, TcpState,
+};
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -28,6 +31,10 @@ struct State {
     /// `checkpoint` fails only after it stopped the container.
     fail_after_stopping: bool,
     next_id: u64,
+    /// What `tcp_state` reports.
+    tcp: TcpState,
+    /// The options of every checkpoint taken.
+    checkpoints: Vec<CheckpointOptions>,
 }
 
 pub struct FakeEngine {
@@ -99,6 +106,16 @@ impl FakeEngine {
     /// Runs `hook` with the call's name at the start of every call.
     pub fn on_call(&self, hook: impl Fn(&'static str) + Send + Sync + 'static) {
         *self.hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// What `tcp_state` reports from now on.
+    pub fn set_tcp(&self, tcp: TcpState) {
+        self.state().tcp = tcp;
+    }
+
+    /// The options each checkpoint was taken with.
+    pub fn checkpoints(&self) -> Vec<CheckpointOptions> {
+        self.state().checkpoints.clone()
     }
 
     pub fn calls(&self) -> Vec<&'static str> {
@@ -219,7 +236,13 @@ impl Engine for FakeEngine {
         Ok(self.add(spec))
     }
 
-    async fn checkpoint(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
+    async fn checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        options: CheckpointOptions,
+    ) -> Result<Checkpointed, RuntimeError> {
+        self.state().checkpoints.push(options);
         let after_stopping = self.state().fail_after_stopping;
         if !after_stopping {
             self.enter("checkpoint", id)?;
@@ -241,7 +264,15 @@ impl Engine for FakeEngine {
         if after_stopping {
             return Err(injected("checkpoint", id));
         }
-        Ok(dir)
+        Ok(Checkpointed {
+            dir,
+            via: CheckpointVia::Runc,
+        })
+    }
+
+    async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {
+        self.enter("tcp_state", id)?;
+        Ok(self.state().tcp.clone())
     }
 
     async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {

@@ -2,13 +2,15 @@
 //! drivers can be unit-tested with a recording fake (`fake`, tests only)
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
-mod docker;
+pub mod docker;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod images;
 pub mod mounts;
 pub mod policy;
 pub mod rootfs;
+pub mod runc;
+pub mod sockets;
 pub mod state;
 pub mod volumes;
 
@@ -16,6 +18,8 @@ use std::future::Future;
 use std::path::PathBuf;
 
 pub use docker::Docker;
+pub use runc::RuncSettings;
+pub use sockets::{TcpDump, TcpMode, TcpState};
 
 /// What the engine says about itself; the precheck compares these between
 /// source and target.
@@ -52,6 +56,29 @@ pub struct ContainerSpec {
     pub create_body: serde_json::Value,
 }
 
+/// How a checkpoint is to treat the container's established TCP
+/// connections ([`sockets::plan`] decided it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    pub tcp: TcpDump,
+}
+
+/// Which path a checkpoint took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointVia {
+    /// `runc checkpoint` straight into the engine's checkpoint folder.
+    Runc,
+    /// The engine's own checkpoint call, and why runc was not used.
+    Engine { reason: String },
+}
+
+/// A finished checkpoint: the container is stopped, its images are in `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointed {
+    pub dir: PathBuf,
+    pub via: CheckpointVia,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("container {0} not found")]
@@ -68,6 +95,8 @@ pub enum RuntimeError {
         subject: String,
         message: String,
     },
+    #[error(transparent)]
+    Runc(#[from] runc::RuncError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,12 +114,18 @@ pub trait Engine: Send + Sync {
         &self,
         spec: &ContainerSpec,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
-    /// Checkpoints a running container and stops it; returns the image folder.
+    /// Checkpoints a running container into its checkpoint folder
+    /// ([`Engine::checkpoint_dir`]) and stops it; the engine shows it
+    /// stopped once this returns.
     fn checkpoint(
         &self,
         id: &str,
         checkpoint: &str,
-    ) -> impl Future<Output = Result<PathBuf, RuntimeError>> + Send;
+        options: CheckpointOptions,
+    ) -> impl Future<Output = Result<Checkpointed, RuntimeError>> + Send;
+    /// The container's established TCP connections, and the TCP options
+    /// restores on this node are given.
+    fn tcp_state(&self, id: &str) -> impl Future<Output = Result<TcpState, RuntimeError>> + Send;
     /// Where the engine expects the images of `checkpoint` for container `id`.
     fn checkpoint_dir(
         &self,

@@ -15,6 +15,7 @@
 use super::{Outcome, Report};
 use crate::migration::MigrationError;
 use crate::mqtt::contract::{JobState, JobStatus, Phase};
+use crate::runtime::CheckpointVia;
 
 /// What the driver must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,16 @@ impl SourceMachine {
         s.bytes_raw = bytes_raw;
         s.bytes_wire = bytes_wire;
         s.rate_bps = rate_bps;
+        s.updated_ms = now_ms;
+    }
+
+    /// How the checkpoint was taken, for the status.
+    pub fn checkpointed(&mut self, via: &CheckpointVia, now_ms: u64) {
+        let s = &mut self.report.status;
+        (s.checkpoint_via, s.checkpoint_fallback) = match via {
+            CheckpointVia::Runc => (Some("runc".into()), None),
+            CheckpointVia::Engine { reason } => (Some("engine".into()), Some(reason.clone())),
+        };
         s.updated_ms = now_ms;
     }
 
@@ -225,6 +236,26 @@ mod tests {
                 Some("restore on target failed: no image")
             );
         }
+    }
+
+    #[test]
+    fn the_status_says_how_the_checkpoint_was_taken() {
+        let mut m = machine();
+        assert_eq!(m.status().checkpoint_via, None);
+        m.checkpointed(&CheckpointVia::Runc, 1_500);
+        assert_eq!(m.status().checkpoint_via.as_deref(), Some("runc"));
+        assert_eq!(m.status().checkpoint_fallback, None);
+        let why = "runc state of container c not found".to_string();
+        m.checkpointed(
+            &CheckpointVia::Engine {
+                reason: why.clone(),
+            },
+            1_600,
+        );
+        assert_eq!(m.status().checkpoint_via.as_deref(), Some("engine"));
+        assert_eq!(m.status().checkpoint_fallback, Some(why));
+        let json = serde_json::to_value(m.status()).unwrap();
+        assert_eq!(json["checkpoint_via"], "engine");
     }
 
     #[test]

@@ -609,6 +609,9 @@ pub struct JobStatus {
     pub timings_ms: BTreeMap<Phase, u64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// While `queued`: its place in the node's line (1 runs next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
     pub updated_ms: u64,
 }
 
@@ -637,6 +640,7 @@ impl JobStatus {
             rate_bps: 0,
             timings_ms: BTreeMap::new(),
             error: None,
+            position: None,
             updated_ms,
         }
     }

@@ -2,19 +2,21 @@
 //! drivers can be unit-tested with a recording fake (`fake`, tests only)
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
+pub mod deadline;
 mod docker;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod images;
 pub mod mounts;
 pub mod policy;
 pub mod rootfs;
 pub mod state;
 pub mod volumes;
-#[cfg(test)]
-pub(crate) mod fake;
 
 use std::future::Future;
 use std::path::PathBuf;
 
+pub use deadline::{Deadlines, EngineDeadlines};
 pub use docker::Docker;
 
 /// What the engine says about itself; the precheck compares these between
@@ -67,6 +69,14 @@ pub enum RuntimeError {
         call: &'static str,
         subject: String,
         message: String,
+    },
+    #[error(
+        "engine call {call} for {subject} did not return within {after:?}; the engine may be hung"
+    )]
+    Timeout {
+        call: &'static str,
+        subject: String,
+        after: std::time::Duration,
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),

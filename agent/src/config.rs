@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 pub const TMPFS_MIN_AVAILABLE: u64 = 1 << 30;
 pub const TMPFS_WORK_DIR: &str = "/run/ferry";
 pub const DISK_WORK_DIR: &str = "/var/lib/ferry";
+/// The job ledger's home: persistent, so that a reboot (a fresh /run)
+/// never forgets which jobs already ran. The unit's `StateDirectory=ferry`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 /// Shorter than the unit's `TimeoutStopSec` (90 s) so a drain always ends
 /// with a recorded job state before systemd kills the agent.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -69,6 +72,9 @@ pub struct AgentSettings {
     /// Checkpoint staging folder (default: /run/ferry when RAM allows, else /var/lib/ferry).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Persistent state (the ledger of job ids seen); never on tmpfs (default: /var/lib/ferry).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Topic root.
     #[arg(long)]
     pub topic_root: Option<String>,
@@ -111,6 +117,7 @@ impl AgentSettings {
             listen: self.listen.or(file.listen),
             advertise: self.advertise.or(file.advertise),
             work_dir: self.work_dir.or(file.work_dir),
+            state_dir: self.state_dir.or(file.state_dir),
             topic_root: self.topic_root.or(file.topic_root),
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
@@ -192,6 +199,15 @@ impl AgentSettings {
                 format!("{} must be an absolute path", work_dir.display()),
             ));
         }
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("{} must be an absolute path", state_dir.display()),
+            ));
+        }
         Ok(AgentConfig {
             node_id,
             mqtt,
@@ -201,6 +217,7 @@ impl AgentSettings {
             listen,
             advertise,
             work_dir,
+            state_dir,
             topics,
             tls,
             insecure: self.insecure,
@@ -221,7 +238,10 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// `None`: advertise the address the data port is bound to.
     pub advertise: Option<SocketAddr>,
+    /// Checkpoint staging: may be RAM.
     pub work_dir: PathBuf,
+    /// The job ledger: must survive a reboot.
+    pub state_dir: PathBuf,
     pub topics: Topics,
     pub tls: Option<crate::stream::tls::TlsFiles>,
     pub insecure: bool,
@@ -276,6 +296,7 @@ mod tests {
         assert_eq!(c.topics.root(), DEFAULT_TOPIC_ROOT);
         assert_eq!(c.docker, DEFAULT_DOCKER_SOCKET);
         assert_eq!(c.advertise, None);
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
     }
 
     #[test]
@@ -343,6 +364,13 @@ mod tests {
                     ..minimal()
                 },
                 "work_dir",
+            ),
+            (
+                AgentSettings {
+                    state_dir: Some("rel".into()),
+                    ..minimal()
+                },
+                "state_dir",
             ),
         ];
         for (settings, field) in cases {

@@ -170,21 +170,33 @@ fn a_broker_outage_during_the_transfer_neither_stalls_it_nor_loses_a_status() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let n2 = fleet.node(2).clone();
-    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["128"]);
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["64"]);
     let name = source.name.clone();
     let checksum = memhog_ready(&source);
-    // About 64 MiB on the wire at 2 MiB/s: half a minute of transfer, of
-    // which the broker is away for 15 s.
-    let limit: u64 = 2 << 20;
-    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    // About 32 MiB on the wire at 4 MiB/s: the whole transfer, the restore
+    // and the end of the job happen while the broker is away.
+    let limit: u64 = 4 << 20;
+    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "4MiB/s"})));
     wait_status(&fleet, "node1", &job, "the transfer phase", |s| {
         assert_eq!(s["state"], "in_progress", "ended before the transfer: {s}");
         s["phase"] == "transfer" && s["bytes_wire"].as_u64().unwrap_or(0) > 0
     });
 
+    // Down for 15 s, and until the job ended on both nodes (the original
+    // removed from node1 after the commit, the target's copy running).
     let down = Instant::now();
     fleet.broker.stop();
     std::thread::sleep(OUTAGE);
+    wait_for(
+        "the job to end while the broker is away",
+        JOB_TIMEOUT,
+        || {
+            (!fleet.node(1).exists(&name) && n2.is_running(&name))
+                .then_some(())
+                .ok_or("still migrating".to_string())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
     fleet.broker.spawn();
     println!("broker down for {:.1} s", down.elapsed().as_secs_f64());
 
@@ -222,11 +234,7 @@ fn a_broker_outage_during_the_transfer_neither_stalls_it_nor_loses_a_status() {
     );
     assert!(
         transfer_ms < at_limit_ms + at_limit_ms / 5 + 3000,
-        "the transfer stalled: {transfer_ms} ms for {wire} B at 2 MiB/s ({at_limit_ms} ms)"
-    );
-    assert!(
-        transfer_ms > OUTAGE.as_millis() as u64,
-        "the transfer ended before the outage did; the test proves nothing: {status}"
+        "the transfer stalled: {transfer_ms} ms for {wire} B at 4 MiB/s ({at_limit_ms} ms)"
     );
 
     assert!(!fleet.node(1).exists(&name), "{name} left on node1");
@@ -335,7 +343,7 @@ fn a_job_id_seen_before_a_reboot_is_not_run_again() {
     let answered: Vec<_> = replies
         .messages()
         .into_iter()
-        .filter(|(t, _)| !t.ends_with("/status"))
+        .filter(|(t, _)| t.ends_with("/accepted") || t.ends_with("/rejected"))
         .collect();
     assert!(
         answered.is_empty(),

@@ -172,12 +172,14 @@ impl Agent {
         );
         let tasks = TaskTracker::new();
         let accept_stop = CancellationToken::new();
+        let jobs_changed = mpsc::channel(16);
         tasks.spawn(serve_data_port(
             node.clone(),
             listener,
             tls_server,
             accept_stop.clone(),
             tasks.clone(),
+            jobs_changed.0.clone(),
         ));
         Ok(Agent {
             replies: Replies {
@@ -194,7 +196,7 @@ impl Agent {
             accept_stop,
             advertise: advertise.to_string(),
             service: crate::systemd::Service::from_env(),
-            jobs_changed: mpsc::channel(16),
+            jobs_changed,
         })
     }
 
@@ -570,6 +572,7 @@ async fn serve_data_port<E: Engine + 'static>(
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    jobs_changed: mpsc::Sender<()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
@@ -596,10 +599,17 @@ async fn serve_data_port<E: Engine + 'static>(
         let node = node.clone();
         let acceptor = acceptor.clone();
         let stop = stop.clone();
+        let changed = jobs_changed.clone();
+        // An incoming job ended: the node status's job count changed (a
+        // full channel already has a refresh pending).
+        let ended = move || {
+            let _ = changed.try_send(());
+        };
         tasks.spawn(async move {
             let Some(acceptor) = acceptor else {
                 drop(permit);
-                return target::serve(node, tcp, None).await;
+                target::serve(node, tcp, None).await;
+                return ended();
             };
             let accepted = tokio::select! {
                 r = crate::stream::tls::accept_peer(
@@ -614,7 +624,8 @@ async fn serve_data_port<E: Engine + 'static>(
             match accepted {
                 Ok((tls, names)) => {
                     let span = tracing::info_span!("incoming", peer = ?names);
-                    target::serve(node, tls, Some(names)).instrument(span).await
+                    target::serve(node, tls, Some(names)).instrument(span).await;
+                    ended();
                 }
                 Err(e) => warn!(%addr, error = %e, "data port TLS handshake failed"),
             }

@@ -23,10 +23,11 @@ use crate::migration::{
     RegisterError, TcpDialer, Timeouts,
 };
 use crate::mqtt::contract::{
-    self, Accepted, JobRequest, NodeStatus, RateSpec, Rejected, Role, TopicKind, Topics,
+    self, Accepted, JobRequest, JobState, JobStatus, NodeStatus, RateSpec, Rejected, Role,
+    TopicKind, Topics,
 };
-use crate::mqtt::{self, ClientSettings, Inbound, JobLedger, MqttHandle};
-use crate::runtime::{Docker, Engine};
+use crate::mqtt::{self, Ack, ClientSettings, Inbound, JobLedger, MqttHandle};
+use crate::runtime::{Deadlines, Docker, Engine, EngineDeadlines};
 use crate::stream::ratelimit::parse_rate;
 
 /// Node status is refreshed this often even when nothing happens, so free
@@ -70,9 +71,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(served?)
 }
 
+/// The engine as the agent drives it: every call with a deadline.
+type AgentEngine = Deadlines<Docker>;
+
 /// A running agent: what the main loop and the drain work with.
 struct Agent {
-    node: Arc<Node<Docker>>,
+    node: Arc<Node<AgentEngine>>,
     replies: Replies,
     inbound: mpsc::Receiver<Inbound>,
     mqtt_stop: CancellationToken,
@@ -99,9 +103,12 @@ impl Agent {
     /// Start-up: everything that can fail does so here, before the broker
     /// hears of this node.
     async fn start(config: &AgentConfig) -> Result<Agent, crate::Error> {
-        let engine = Docker::connect(&config.docker)
-            .await?
-            .with_checkpoint(config.runc.clone(), config.criu_config.clone());
+        let engine = Deadlines::new(
+            Docker::connect(&config.docker)
+                .await?
+                .with_checkpoint(config.runc.clone(), config.criu_config.clone()),
+            EngineDeadlines::default(),
+        );
         let engine_info = engine.info().await?;
         let criu = crate::sysinfo::criu_status();
         if let Err(why) = &criu {
@@ -162,16 +169,19 @@ impl Agent {
             arch = %node.engine_info.arch,
             data = %advertise,
             work_dir = %config.work_dir.display(),
+            state_dir = %config.state_dir.display(),
             "agent started"
         );
         let tasks = TaskTracker::new();
         let accept_stop = CancellationToken::new();
+        let jobs_changed = mpsc::channel(16);
         tasks.spawn(serve_data_port(
             node.clone(),
             listener,
             tls_server,
             accept_stop.clone(),
             tasks.clone(),
+            jobs_changed.0.clone(),
         ));
         Ok(Agent {
             replies: Replies {
@@ -188,7 +198,7 @@ impl Agent {
             accept_stop,
             advertise: advertise.to_string(),
             service: crate::systemd::Service::from_env(),
-            jobs_changed: mpsc::channel(16),
+            jobs_changed,
         })
     }
 
@@ -200,8 +210,8 @@ impl Agent {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = self.service.watchdog_due() => self.service.watchdog(),
-                _ = refresh.tick() => self.publish_status(true).await,
-                Some(()) = self.jobs_changed.1.recv() => self.publish_status(true).await,
+                _ = refresh.tick() => self.publish_status(true),
+                Some(()) = self.jobs_changed.1.recv() => self.publish_status(true),
                 msg = self.inbound.recv() => match msg {
                     // Exit non-zero after the drain so systemd restarts us.
                     None => {
@@ -218,25 +228,41 @@ impl Agent {
         match msg {
             Inbound::Connected { .. } => {
                 info!("connected to the broker");
-                self.publish_status(true).await;
+                self.publish_status(true);
                 self.service.ready("connected to the broker");
             }
             Inbound::Disconnected { error, retry_in } => {
                 warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost")
             }
-            Inbound::Message { topic, payload, .. } => match self.replies.topics.parse(&topic) {
-                Some(TopicKind::NodeStatus { node: peer }) => {
-                    match serde_json::from_slice::<NodeStatus>(&payload) {
-                        Ok(s) => self.node.peers.update(peer, s),
-                        Err(e) => warn!(%topic, error = %e, "ignoring unreadable node status"),
+            Inbound::Message {
+                topic,
+                payload,
+                ack,
+                ..
+            } => {
+                match self.replies.topics.parse(&topic) {
+                    Some(TopicKind::NodeStatus { node: peer }) => {
+                        match serde_json::from_slice::<NodeStatus>(&payload) {
+                            Ok(s) => self.node.peers.update(peer, s),
+                            Err(e) => warn!(%topic, error = %e, "ignoring unreadable node status"),
+                        }
                     }
+                    Some(TopicKind::Job { node: to, job_id }) if to == self.node.id => {
+                        self.on_job(&job_id, &payload).await;
+                        self.publish_status(true);
+                    }
+                    _ => {}
                 }
-                Some(TopicKind::Job { node: to, job_id }) if to == self.node.id => {
-                    self.on_job(&job_id, &payload).await;
-                    self.publish_status(true).await;
-                }
-                _ => {}
-            },
+                // A job is recorded in the ledger (or rejected) by now: the
+                // broker may forget it.
+                self.ack(&ack).await;
+            }
+        }
+    }
+
+    async fn ack(&self, ack: &Ack) {
+        if let Err(e) = self.replies.mqtt.ack(ack).await {
+            warn!(error = %e, "cannot acknowledge a message; the broker will deliver it again");
         }
     }
 
@@ -247,6 +273,7 @@ impl Agent {
     async fn drain(mut self, deadline: Duration) {
         info!(running = self.node.jobs.len(), "draining");
         self.service.stopping("draining");
+        self.node.jobs.cancel_queued();
         self.accept_stop.cancel();
         self.tasks.close();
         let soft = tokio::time::sleep(deadline);
@@ -266,29 +293,33 @@ impl Agent {
                     break;
                 }
                 msg = self.inbound.recv() => match msg {
-                    Some(Inbound::Message { topic, .. }) => {
+                    Some(Inbound::Message { topic, ack, .. }) => {
                         if let Some(TopicKind::Job { node: to, job_id }) = self.replies.topics.parse(&topic) {
                             if to == self.node.id {
                                 let reason = format!("node {} is shutting down", self.node.id);
                                 self.replies.send(&job_id, Err(reason)).await;
                             }
                         }
+                        self.ack(&ack).await;
                     }
                     Some(_) => {}
                     None => break,
                 },
             }
         }
-        self.publish_status(false).await;
+        self.publish_status(false);
         self.mqtt_stop.cancel();
         let _ = tokio::time::timeout(MQTT_GOODBYE, self.mqtt_task).await;
         info!("agent stopped");
     }
 
-    async fn publish_status(&self, online: bool) {
+    /// Never waits: the latest node status goes out when the broker can
+    /// take it, and again after every reconnect (the broker may have
+    /// published our will meanwhile).
+    fn publish_status(&self, online: bool) {
         let status = node_status(&self.node, online, &self.advertise);
         let topic = self.replies.topics.node_status(&self.node.id);
-        if let Err(e) = self.replies.mqtt.publish_json(&topic, &status, true).await {
+        if let Err(e) = self.replies.mqtt.publish_latest(&topic, &status, true) {
             warn!(error = %e, "cannot publish node status");
         }
     }
@@ -364,7 +395,9 @@ impl Agent {
                         replies
                             .send(&job.job_id, Ok::<(), MigrationError>(()))
                             .await;
-                        source::run(node, job, guard).await;
+                        if wait_in_line(&node, &job, &guard).await {
+                            source::run(node, job, guard).await;
+                        }
                         let _ = changed.send(()).await;
                     }
                 }
@@ -374,13 +407,55 @@ impl Agent {
     }
 }
 
-/// Creates the work dir, clears staging left from a crash, opens the ledger.
+/// One outgoing migration at a time per node: until its turn, the job is
+/// `queued` with its place in line. False if it was canceled meanwhile
+/// (its final status published).
+async fn wait_in_line<E: Engine>(node: &Node<E>, job: &MigrateJob, guard: &JobGuard) -> bool {
+    let mut status = JobStatus::new(
+        &job.job_id,
+        &node.id,
+        Role::Source,
+        &job.container,
+        &node.id,
+        &job.target,
+        now_ms(),
+    );
+    let mut position = guard.position();
+    while position > 0 {
+        info!(job = %job.job_id, position, "queued behind another migration");
+        status.position = Some(position as u32);
+        status.updated_ms = now_ms();
+        node.publish_job(&status).await;
+        position = tokio::select! {
+            p = guard.position_change(position) => p,
+            () = guard.gate().canceled() => {
+                status.state = JobState::Canceled;
+                status.error = Some(format!("{} while queued", MigrationError::Canceled));
+                status.updated_ms = now_ms();
+                node.publish_job(&status).await;
+                info!(job = %job.job_id, "canceled while queued");
+                return false;
+            }
+        };
+    }
+    true
+}
+
+/// Creates the work dir and clears staging left from a crash; opens the
+/// ledger in the state dir, which must survive a reboot.
 fn open_work_dir(config: &AgentConfig) -> Result<JobLedger, AgentError> {
-    let failed = |source| AgentError::WorkDir {
-        path: config.work_dir.clone(),
-        source,
+    let failed = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::WorkDir { path, source }
     };
-    std::fs::create_dir_all(&config.work_dir).map_err(failed)?;
+    std::fs::create_dir_all(&config.work_dir).map_err(failed(&config.work_dir))?;
+    std::fs::create_dir_all(&config.state_dir).map_err(failed(&config.state_dir))?;
+    if crate::sysinfo::is_tmpfs(&config.state_dir) {
+        error!(
+            state_dir = %config.state_dir.display(),
+            "the state dir is on tmpfs: a reboot forgets which jobs already ran, and a manager's retry then runs a job again; set state_dir to persistent storage (default /var/lib/ferry)"
+        );
+    }
     // Nothing runs yet: whatever is staged is left from a crash.
     let staging = config.work_dir.join("staging");
     if staging.exists() {
@@ -388,7 +463,8 @@ fn open_work_dir(config: &AgentConfig) -> Result<JobLedger, AgentError> {
             warn!(path = %staging.display(), error = %e, "cannot clear stale staging");
         }
     }
-    JobLedger::open(config.work_dir.join(JobLedger::FILE_NAME)).map_err(failed)
+    let ledger = config.state_dir.join(JobLedger::FILE_NAME);
+    JobLedger::open(&ledger).map_err(failed(&ledger))
 }
 
 fn broker_settings(
@@ -410,6 +486,8 @@ fn broker_settings(
             true,
         )),
         subscriptions: vec![topics.jobs_of(&config.node_id), topics.all_node_status()],
+        // A job is acknowledged once the ledger holds it.
+        manual_acks: true,
     }
 }
 
@@ -497,6 +575,7 @@ async fn serve_data_port<E: Engine + 'static>(
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    jobs_changed: mpsc::Sender<()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
@@ -523,10 +602,17 @@ async fn serve_data_port<E: Engine + 'static>(
         let node = node.clone();
         let acceptor = acceptor.clone();
         let stop = stop.clone();
+        let changed = jobs_changed.clone();
+        // An incoming job ended: the node status's job count changed (a
+        // full channel already has a refresh pending).
+        let ended = move || {
+            let _ = changed.try_send(());
+        };
         tasks.spawn(async move {
             let Some(acceptor) = acceptor else {
                 drop(permit);
-                return target::serve(node, tcp, None).await;
+                target::serve(node, tcp, None).await;
+                return ended();
             };
             let accepted = tokio::select! {
                 r = crate::stream::tls::accept_peer(
@@ -541,10 +627,49 @@ async fn serve_data_port<E: Engine + 'static>(
             match accepted {
                 Ok((tls, names)) => {
                     let span = tracing::info_span!("incoming", peer = ?names);
-                    target::serve(node, tls, Some(names)).instrument(span).await
+                    target::serve(node, tls, Some(names)).instrument(span).await;
+                    ended();
                 }
                 Err(e) => warn!(%addr, error = %e, "data port TLS handshake failed"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::testing::{online, test_node};
+    use crate::stream::testutil::TempDir;
+
+    fn job(id: &str, container: &str) -> MigrateJob {
+        MigrateJob {
+            job_id: id.into(),
+            container: container.into(),
+            target: "b".into(),
+            rate_limit: None,
+            zstd_level: 3,
+            tcp: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_job_for_a_container_is_refused_by_name_and_by_id() {
+        let dir = TempDir::new("admit");
+        let (node, _) = test_node("a", &dir, Box::new(|_| {}));
+        let id = node.engine.run("web", "ferry/counter:1");
+        node.peers.update("b", online("x86_64"));
+
+        let _first = admit(&node, &job("j1", "web")).await.unwrap();
+        for (job_id, asked) in [("j2", id.as_str()), ("j3", "web")] {
+            let err = admit(&node, &job(job_id, asked)).await.err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                format!("container {asked} is already being migrated")
+            );
+        }
+        let err = admit(&node, &job("j1", &id)).await.err().unwrap();
+        assert_eq!(err.to_string(), "job j1 is already running on a");
+        assert_eq!(node.jobs.len(), 1);
     }
 }

@@ -24,6 +24,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 pub const TMPFS_MIN_AVAILABLE: u64 = 1 << 30;
 pub const TMPFS_WORK_DIR: &str = "/run/ferry";
 pub const DISK_WORK_DIR: &str = "/var/lib/ferry";
+/// The job ledger's home: persistent, so that a reboot (a fresh /run)
+/// never forgets which jobs already ran. The unit's `StateDirectory=ferry`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 /// Shorter than the unit's `TimeoutStopSec` (90 s) so a drain always ends
 /// with a recorded job state before systemd kills the agent.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -77,6 +80,9 @@ pub struct AgentSettings {
     /// Checkpoint staging folder (default: /run/ferry when RAM allows, else /var/lib/ferry).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Persistent state (the ledger of job ids seen); never on tmpfs (default: /var/lib/ferry).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Topic root.
     #[arg(long)]
     pub topic_root: Option<String>,
@@ -134,6 +140,7 @@ impl AgentSettings {
             listen: self.listen.or(file.listen),
             advertise: self.advertise.or(file.advertise),
             work_dir: self.work_dir.or(file.work_dir),
+            state_dir: self.state_dir.or(file.state_dir),
             topic_root: self.topic_root.or(file.topic_root),
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
@@ -248,6 +255,15 @@ impl AgentSettings {
                 ))
             }
         };
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("{} must be an absolute path", state_dir.display()),
+            ));
+        }
         Ok(AgentConfig {
             runc,
             criu_config,
@@ -259,6 +275,7 @@ impl AgentSettings {
             listen,
             advertise,
             work_dir,
+            state_dir,
             topics,
             tls,
             insecure: self.insecure,
@@ -279,7 +296,10 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// `None`: advertise the address the data port is bound to.
     pub advertise: Option<SocketAddr>,
+    /// Checkpoint staging: may be RAM.
     pub work_dir: PathBuf,
+    /// The job ledger: must survive a reboot.
+    pub state_dir: PathBuf,
     pub topics: Topics,
     pub tls: Option<crate::stream::tls::TlsFiles>,
     pub insecure: bool,
@@ -398,6 +418,7 @@ mod tests {
         assert_eq!(runc.runc, Path::new("/usr/sbin/runc"));
         assert_eq!(runc.criu, Path::new("/tmp/fb/node1/bin/criu"));
         assert_eq!(c.criu_config, Path::new("/tmp/fb/node1/criu.conf"));
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
     }
 
     #[test]
@@ -500,6 +521,13 @@ mod tests {
                     ..minimal()
                 },
                 "criu_config",
+            ),
+            (
+                AgentSettings {
+                    state_dir: Some("rel".into()),
+                    ..minimal()
+                },
+                "state_dir",
             ),
         ];
         for (settings, field) in cases {

@@ -141,6 +141,9 @@ pub struct AgentOptions<'a> {
     pub advertise: Option<SocketAddr>,
     /// More `ferry agent` arguments.
     pub extra: &'a [&'a str],
+    /// Another work dir (staging) than the node's default one in the fleet
+    /// dir; the state dir (the job ledger) stays the node's.
+    pub work_dir: Option<&'a Path>,
 }
 
 impl<B: Broker> Fleet<B> {
@@ -217,7 +220,12 @@ impl<B: Broker> Fleet<B> {
             .arg(node.dir.join("criu.conf"))
             .args(["--listen", &listen.to_string()])
             .arg("--work-dir")
-            .arg(self.work_dir(n))
+            .arg(
+                opts.work_dir
+                    .map_or_else(|| self.work_dir(n), Path::to_path_buf),
+            )
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("{}-state", node.name)))
             .arg("--tls-ca")
             .arg(&tls.ca)
             .arg("--tls-cert")

@@ -112,6 +112,7 @@ impl Session {
             tls,
             last_will: None,
             subscriptions,
+            manual_acks: false,
         };
         let stop = CancellationToken::new();
         let (handle, mut inbound, _task) =

@@ -20,7 +20,7 @@ pub mod registry;
 pub mod source;
 pub mod target;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -110,7 +110,9 @@ impl<E> Node<E> {
     }
 }
 
-/// Job statuses as retained MQTT messages under this node's topics.
+/// Job statuses as retained MQTT messages under this node's topics. Never
+/// waits for the broker: the latest status of each job goes out when the
+/// broker can take it (see `mqtt::board`).
 pub struct MqttReporter {
     pub mqtt: MqttHandle,
     pub topics: Topics,
@@ -118,12 +120,12 @@ pub struct MqttReporter {
 
 impl Reporter for MqttReporter {
     fn job_status<'a>(&'a self, status: &'a JobStatus) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let topic = self.topics.job_status(&status.node, &status.job_id);
-            if let Err(e) = self.mqtt.publish_json(&topic, status, true).await {
-                tracing::warn!(%topic, error = %e, "cannot publish job status");
-            }
-        })
+        let topic = self.topics.job_status(&status.node, &status.job_id);
+        let live = !status.state.is_final();
+        if let Err(e) = self.mqtt.publish_latest(&topic, status, live) {
+            tracing::warn!(%topic, error = %e, "cannot publish job status");
+        }
+        Box::pin(std::future::ready(()))
     }
 }
 

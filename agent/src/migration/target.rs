@@ -167,14 +167,14 @@ where
             node.engine.image_exists(&spec.image).await,
         )?;
         check::name_free(&spec.name, &node.id, node.engine.inspect(&spec.name).await)?;
-        // Staging plus the engine's own copy of the images.
-        for (what, dir) in [
-            ("work dir", &node.work_dir),
-            ("engine root", &node.engine_info.root_dir),
-        ] {
-            let free = crate::sysinfo::free_disk(dir).unwrap_or(u64::MAX);
-            check::room(&node.id, what, dir, free, p.estimate_bytes)?;
-        }
+        // Staging, reserved against the other incoming jobs, plus the
+        // engine's own copy of the images.
+        let free = crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX);
+        node.jobs
+            .reserve_staging(&p.job_id, p.estimate_bytes, free, &node.work_dir)?;
+        let root = &node.engine_info.root_dir;
+        let free = crate::sysinfo::free_disk(root).unwrap_or(u64::MAX);
+        check::room(&node.id, "engine root", root, free, p.estimate_bytes)?;
         let id = node
             .engine
             .create(spec)

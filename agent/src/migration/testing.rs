@@ -67,7 +67,7 @@ impl Reporter for Statuses {
     }
 }
 
-type Answer = Box<dyn Fn(DuplexStream) + Send + Sync>;
+pub(crate) type Answer = Box<dyn Fn(DuplexStream) + Send + Sync>;
 
 /// Dials by handing the far end of a pipe to `answer`.
 struct PipeDialer(Answer);
@@ -84,7 +84,11 @@ impl Dial for PipeDialer {
     }
 }
 
-fn test_node(id: &str, dir: &TempDir, dialer: Answer) -> (Arc<Node<FakeEngine>>, Statuses) {
+pub(crate) fn test_node(
+    id: &str,
+    dir: &TempDir,
+    dialer: Answer,
+) -> (Arc<Node<FakeEngine>>, Statuses) {
     let root = dir.join(format!("{id}-engine"));
     let work_dir = dir.join(format!("{id}-work"));
     std::fs::create_dir_all(&work_dir).unwrap();
@@ -120,7 +124,7 @@ fn test_node(id: &str, dir: &TempDir, dialer: Answer) -> (Arc<Node<FakeEngine>>,
     (Arc::new(node), statuses)
 }
 
-fn online(arch: &str) -> NodeStatus {
+pub(crate) fn online(arch: &str) -> NodeStatus {
     NodeStatus {
         online: true,
         arch: arch.into(),

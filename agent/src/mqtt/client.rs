@@ -5,8 +5,19 @@
 //! through cloned [`MqttHandle`]s. It adds what rumqttc leaves to its user:
 //! a backoff between reconnects (rumqttc reconnects on the very next poll),
 //! subscriptions on every ConnAck, and a clean goodbye on shutdown.
+//!
+//! Two guarantees on top:
+//! - Manual acknowledgements: an incoming QoS 1 publish is acknowledged
+//!   only when the consumer calls [`MqttHandle::ack`] (after it recorded
+//!   the job). Unacknowledged, the broker redelivers it on the next
+//!   connection of our persistent session.
+//! - Retained statuses go through a [`board`](super::board) (latest value
+//!   per topic, never blocking the caller). This task alone sends them,
+//!   straight into rumqttc's pending queue, so it can tie each to its
+//!   packet id and learn which value the broker acknowledged; after a
+//!   reconnect it republishes every live or unconfirmed status.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::str::FromStr;
@@ -14,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Request, SubAck,
-    Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
+    SubAck, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -23,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::board::SharedBoard;
 use super::contract::{quoted, validate_id};
 use super::MqttError;
 
@@ -42,6 +54,12 @@ pub const OUTGOING_CAPACITY: usize = 256;
 /// that a consumer publishing while the task waits on it cannot deadlock,
 /// and a migration is never stalled for long by a missing broker.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Board statuses sent and not yet acknowledged, at most. Well under
+/// rumqttc's in-flight limit (100): rumqttc sends its pending queue, where
+/// these go, without checking that limit.
+const BOARD_WINDOW: usize = 16;
+/// How long an acknowledgement may wait for room in the outgoing queue.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the goodbye to be written.
 const GOODBYE_DEADLINE: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -183,6 +201,9 @@ pub struct ClientSettings {
     pub last_will: Option<(String, Vec<u8>, bool)>,
     /// Filters subscribed with QoS 1 on every ConnAck.
     pub subscriptions: Vec<String>,
+    /// Incoming publishes are acknowledged only through [`MqttHandle::ack`]
+    /// (an agent, after recording a job); otherwise on receipt.
+    pub manual_acks: bool,
 }
 
 impl fmt::Debug for ClientSettings {
@@ -202,6 +223,7 @@ impl fmt::Debug for ClientSettings {
                     .map(|(t, p, r)| format!("{t} ({} bytes, retain {r})", p.len())),
             )
             .field("subscriptions", &self.subscriptions)
+            .field("manual_acks", &self.manual_acks)
             .finish()
     }
 }
@@ -218,6 +240,7 @@ impl ClientSettings {
             tls: None,
             last_will: None,
             subscriptions: Vec::new(),
+            manual_acks: false,
         }
     }
 
@@ -263,6 +286,7 @@ impl ClientSettings {
     fn mqtt_options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(self.client_id.clone(), self.url.host(), self.url.port());
         o.set_clean_session(self.clean_session)
+            .set_manual_acks(self.manual_acks)
             .set_keep_alive(self.keep_alive)
             .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
         if let Some((topic, payload, retain)) = &self.last_will {
@@ -316,26 +340,45 @@ fn check_publish(topic: &str, payload_len: usize) -> Result<(), MqttError> {
 /// What the connection task reports, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    /// After every ConnAck, subscriptions already queued. The broker may
-    /// have published the Last Will (node offline) meanwhile: republish the
-    /// node status on each. Job statuses are retained and untouched by the
-    /// will, so they need no republishing.
+    /// After every ConnAck, subscriptions already queued, board statuses
+    /// (live or unconfirmed) due again.
     Connected { session_present: bool },
-    /// A publish on a subscribed filter. Already acknowledged to the broker.
+    /// A publish on a subscribed filter. With manual acks, not
+    /// acknowledged to the broker until the consumer passes `ack` to
+    /// [`MqttHandle::ack`]; every message must be, or the broker stops
+    /// delivering once its in-flight window is full.
     Message {
         topic: String,
         payload: Vec<u8>,
         retain: bool,
+        ack: Ack,
     },
     /// The connection failed or could not be made; the next attempt is in
     /// `retry_in`.
     Disconnected { error: String, retry_in: Duration },
 }
 
+/// What acknowledges one incoming publish (its QoS and packet id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    qos: QoS,
+    pkid: u16,
+}
+
+impl Ack {
+    fn of(p: &Publish) -> Ack {
+        Ack {
+            qos: p.qos,
+            pkid: p.pkid,
+        }
+    }
+}
+
 /// Publishes through the connection task. Cheap to clone.
 #[derive(Clone)]
 pub struct MqttHandle {
     client: AsyncClient,
+    board: Arc<SharedBoard>,
 }
 
 impl fmt::Debug for MqttHandle {
@@ -345,6 +388,44 @@ impl fmt::Debug for MqttHandle {
 }
 
 impl MqttHandle {
+    /// Sets the retained status on `topic` to `value` (JSON, QoS 1) without
+    /// waiting: the connection task sends the latest value when it can.
+    /// `live`: republish it after every reconnect (a running job, the node
+    /// status); otherwise only until the broker acknowledged it.
+    pub fn publish_latest<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        live: bool,
+    ) -> Result<(), MqttError> {
+        let payload = serde_json::to_vec(value).map_err(|source| MqttError::Encode {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        check_publish(topic, payload.len())?;
+        self.board.set(topic, payload, live);
+        Ok(())
+    }
+
+    /// Acknowledges an incoming publish to the broker. Call it once the
+    /// message is handled for good (a job: recorded in the ledger). If it
+    /// does not get through (the connection dropped), the broker delivers
+    /// the message again.
+    pub async fn ack(&self, ack: &Ack) -> Result<(), MqttError> {
+        let mut p = Publish::new("", ack.qos, Vec::new());
+        p.pkid = ack.pkid;
+        let closed = || MqttError::Closed {
+            topic: format!("(ack of packet {})", ack.pkid),
+        };
+        match tokio::time::timeout(ACK_TIMEOUT, self.client.ack(&p)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(MqttError::QueueFull {
+                topic: format!("(ack of packet {})", ack.pkid),
+            }),
+        }
+    }
+
     /// Queues `value` as JSON with QoS 1. Returns once queued (sent later,
     /// after a reconnect if need be), or an error after a bounded wait.
     pub async fn publish_json<T: Serialize + ?Sized>(
@@ -396,6 +477,7 @@ pub fn spawn(
     settings.validate()?;
     let (client, eventloop) = AsyncClient::new(settings.mqtt_options(), OUTGOING_CAPACITY);
     let (tx, rx) = mpsc::channel(INBOUND_CAPACITY);
+    let board = Arc::new(SharedBoard::default());
     let span = tracing::info_span!("mqtt", broker = %settings.url, client_id = %settings.client_id);
     let conn = Connection {
         eventloop,
@@ -406,9 +488,13 @@ pub fn spawn(
         will: settings.last_will,
         carry: VecDeque::new(),
         backoff: Backoff::default(),
+        board: board.clone(),
+        connected: false,
+        awaiting: VecDeque::new(),
+        inflight: HashMap::new(),
     };
     let task = tokio::spawn(conn.run().instrument(span));
-    Ok((MqttHandle { client }, rx, task))
+    Ok((MqttHandle { client, board }, rx, task))
 }
 
 // ---------------------------------------------------------------------------
@@ -426,20 +512,31 @@ struct Connection {
     /// rumqttc clears its own copy when the broker has no session for us.
     carry: VecDeque<Request>,
     backoff: Backoff,
+    board: Arc<SharedBoard>,
+    /// Between a ConnAck and the next error.
+    connected: bool,
+    /// Board statuses in rumqttc's pending queue, not yet given a packet id.
+    awaiting: VecDeque<(String, u64)>,
+    /// Board statuses sent, by packet id, until the broker acknowledges them.
+    inflight: HashMap<u16, (String, u64)>,
 }
 
 impl Connection {
     async fn run(mut self) {
-        let mut connected = false;
         loop {
+            let board = self.board.clone();
             let polled = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
+                () = board.changed(), if self.connected => {
+                    self.send_board(BOARD_WINDOW);
+                    continue;
+                }
                 ev = self.eventloop.poll() => ev,
             };
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
+                    self.connected = true;
                     info!(
                         session_present = ack.session_present,
                         "connected to the broker"
@@ -454,6 +551,7 @@ impl Connection {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let ev = Inbound::Message {
+                        ack: Ack::of(&p),
                         topic: p.topic,
                         payload: p.payload.to_vec(),
                         retain: p.retain,
@@ -463,10 +561,31 @@ impl Connection {
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => self.check_suback(&ack),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    // Pending goes out in order, before anything else: the
+                    // next publish sent is the oldest board status queued.
+                    if let Some(sent) = self.awaiting.pop_front() {
+                        self.inflight.insert(pkid, sent);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some((topic, version)) = self.inflight.remove(&ack.pkid) {
+                        self.board.with(|b| b.acked(&topic, version));
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
-                    connected = false;
-                    self.carry.extend(self.eventloop.pending.drain(..));
+                    self.connected = false;
+                    // Board statuses are resent from the board, as their
+                    // latest value, not as the copy that was in flight.
+                    self.awaiting.clear();
+                    self.inflight.clear();
+                    let board = &self.board;
+                    let carried = self.eventloop.pending.drain(..).filter(|r| match r {
+                        Request::Publish(p) => !board.with(|b| b.owns(&p.topic)),
+                        _ => true,
+                    });
+                    self.carry.extend(carried);
                     let retry_in = self.backoff.on_error(Instant::now());
                     warn!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "broker connection lost");
                     let ev = Inbound::Disconnected {
@@ -483,8 +602,11 @@ impl Connection {
                     }
                 }
             }
+            if self.connected {
+                self.send_board(BOARD_WINDOW);
+            }
         }
-        if connected {
+        if self.connected {
             self.goodbye().await;
         } else if !self.carry.is_empty() {
             warn!(
@@ -526,6 +648,26 @@ impl Connection {
         }
         queue.extend(self.eventloop.pending.drain(..));
         self.eventloop.pending = queue;
+        self.board.with(|b| b.reconnected());
+    }
+
+    /// Hands due board statuses to rumqttc, `window` in flight at most.
+    /// Only into an empty pending queue, so that the next publishes rumqttc
+    /// sends are exactly these, in order (see `awaiting`).
+    fn send_board(&mut self, window: usize) {
+        if !self.eventloop.pending.is_empty() {
+            return;
+        }
+        let room = window.saturating_sub(self.inflight.len() + self.awaiting.len());
+        if room == 0 {
+            return;
+        }
+        for o in self.board.with(|b| b.take(room)) {
+            let mut p = Publish::new(o.topic.clone(), QoS::AtLeastOnce, o.payload);
+            p.retain = true;
+            self.eventloop.pending.push_back(Request::Publish(p));
+            self.awaiting.push_back((o.topic, o.version));
+        }
     }
 
     fn check_suback(&self, ack: &SubAck) {
@@ -538,8 +680,15 @@ impl Connection {
         }
     }
 
-    /// Will (if any), then DISCONNECT behind everything already queued.
+    /// Due board statuses, the will (if any), then DISCONNECT behind
+    /// everything already queued.
     async fn goodbye(mut self) {
+        // Nothing is confirmed any more: order no longer matters.
+        for o in self.board.with(|b| b.take(usize::MAX)) {
+            let mut p = Publish::new(o.topic, QoS::AtLeastOnce, o.payload);
+            p.retain = true;
+            self.eventloop.pending.push_back(Request::Publish(p));
+        }
         if let Some((topic, payload, retain)) = self.will.take() {
             if self
                 .client
@@ -564,7 +713,9 @@ impl Connection {
                 match eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => sent = true,
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // Not acknowledged: the broker delivers it again.
                         let ev = Inbound::Message {
+                            ack: Ack::of(&p),
                             topic: p.topic,
                             payload: p.payload.to_vec(),
                             retain: p.retain,
@@ -601,7 +752,7 @@ async fn deliver(tx: &mpsc::Sender<Inbound>, shutdown: &CancellationToken, ev: I
     let permit = tokio::select! {
         biased;
         () = shutdown.cancelled() => {
-            // Already acked to the broker: hand it over if there is room.
+            // Unacknowledged: if there is no room, the broker redelivers it.
             let _ = tx.try_send(ev);
             return false;
         }
@@ -854,6 +1005,8 @@ mod tests {
     }
 
     const STEP: Duration = Duration::from_secs(5);
+    /// How long "nothing more was sent" is watched for.
+    const QUIET: Duration = Duration::from_millis(300);
 
     impl ScriptedBroker {
         async fn accept(listener: &tokio::net::TcpListener) -> Self {
@@ -881,6 +1034,40 @@ mod tests {
                     .unwrap();
                 assert!(n > 0, "the client closed the connection");
             }
+        }
+
+        /// The next packet other than a ping within `wait`, if any.
+        async fn quiet(&mut self, wait: Duration) -> Option<Packet> {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                match tokio::time::timeout_at(deadline, self.read()).await {
+                    Err(_) => return None,
+                    Ok(Packet::PingReq) => self.write(Packet::PingResp).await,
+                    Ok(p) => return Some(p),
+                }
+            }
+        }
+
+        /// `n` retained publishes, acknowledged; (topic, payload) sorted.
+        async fn take_statuses(&mut self, n: usize, ack: bool) -> Vec<(String, String)> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                match self.read().await {
+                    Packet::Publish(p) => {
+                        assert!(p.retain && p.qos == QoS::AtLeastOnce, "{p:?}");
+                        if ack {
+                            self.write(Packet::PubAck(rumqttc::PubAck::new(p.pkid)))
+                                .await;
+                        }
+                        let payload = String::from_utf8(p.payload.to_vec()).unwrap();
+                        got.push((p.topic, payload));
+                    }
+                    Packet::PingReq => self.write(Packet::PingResp).await,
+                    other => panic!("expected a status, got {other:?}"),
+                }
+            }
+            got.sort();
+            got
         }
 
         async fn write(&mut self, p: Packet) {
@@ -947,6 +1134,7 @@ mod tests {
         let mut s = ClientSettings::new(url(&format!("mqtt://127.0.0.1:{port}")), "node-a");
         s.keep_alive = Duration::from_secs(60);
         s.subscriptions = vec!["t/node-a/jobs/+".into()];
+        s.manual_acks = true;
         s.last_will = Some(("t/node-a/status".into(), will.clone(), true));
         let shutdown = CancellationToken::new();
         let (handle, mut rx, task) = spawn(s, shutdown.clone()).unwrap();
@@ -969,18 +1157,26 @@ mod tests {
         );
         broker.expect_subscribe(&["t/node-a/jobs/+"]).await;
 
-        // A job comes in, is forwarded and acknowledged.
+        // A job comes in and is forwarded; it is acknowledged only when
+        // the consumer says so.
         let mut job = rumqttc::Publish::new("t/node-a/jobs/j1", QoS::AtLeastOnce, b"{}".to_vec());
         job.pkid = 7;
         broker.write(Packet::Publish(job)).await;
+        let Inbound::Message {
+            topic,
+            payload,
+            retain,
+            ack,
+        } = next(&mut rx).await
+        else {
+            panic!("expected the job")
+        };
         assert_eq!(
-            next(&mut rx).await,
-            Inbound::Message {
-                topic: "t/node-a/jobs/j1".into(),
-                payload: b"{}".to_vec(),
-                retain: false
-            }
+            (topic.as_str(), &payload[..], retain),
+            ("t/node-a/jobs/j1", &b"{}"[..], false)
         );
+        assert_eq!(broker.quiet(QUIET).await, None, "acknowledged too early");
+        handle.ack(&ack).await.unwrap();
         assert_eq!(broker.read().await, Packet::PubAck(rumqttc::PubAck::new(7)));
 
         // A status goes out; the broker dies before acknowledging it.
@@ -1028,5 +1224,127 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, MqttError::Closed { .. }), "{err}");
+    }
+
+    fn pair(topic: &str, payload: &str) -> (String, String) {
+        (topic.to_owned(), payload.to_owned())
+    }
+
+    #[tokio::test]
+    async fn statuses_never_wait_and_the_latest_of_each_is_republished_after_a_reconnect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = ClientSettings::new(url(&format!("mqtt://127.0.0.1:{port}")), "node-a");
+        s.keep_alive = Duration::from_secs(60);
+        let shutdown = CancellationToken::new();
+        let (handle, mut rx, task) = spawn(s, shutdown.clone()).unwrap();
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(false).await;
+        next(&mut rx).await;
+
+        // j1 runs, j2 ends; the broker confirms both.
+        handle.publish_latest("s/j1", "transfer 1", true).unwrap();
+        handle.publish_latest("s/j2", "succeeded", false).unwrap();
+        assert_eq!(
+            broker.take_statuses(2, true).await,
+            [
+                pair("s/j1", "\"transfer 1\""),
+                pair("s/j2", "\"succeeded\"")
+            ]
+        );
+        // j1's next value is sent but never confirmed: the broker dies.
+        handle.publish_latest("s/j1", "transfer 2", true).unwrap();
+        broker.take_statuses(1, false).await;
+        drop(broker);
+        assert!(matches!(next(&mut rx).await, Inbound::Disconnected { .. }));
+
+        // While the broker is away, thousands of updates return at once.
+        let started = std::time::Instant::now();
+        for i in 0..5000 {
+            handle
+                .publish_latest("s/j1", &format!("transfer {i}"), true)
+                .unwrap();
+        }
+        handle.publish_latest("s/j1", "rolled_back", false).unwrap();
+        handle.publish_latest("s/j3", "failed", false).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // Back: the latest value of each job not confirmed, once; not j2's
+        // (confirmed, final), not the stale copy that was in flight.
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(false).await;
+        assert!(matches!(next(&mut rx).await, Inbound::Connected { .. }));
+        assert_eq!(
+            broker.take_statuses(2, true).await,
+            [pair("s/j1", "\"rolled_back\""), pair("s/j3", "\"failed\"")]
+        );
+        assert_eq!(broker.quiet(QUIET).await, None);
+
+        // A live status (a running job, the node) is republished after
+        // every reconnect, even when confirmed: the broker may have lost it
+        // or published our will over it.
+        handle.publish_latest("node", "online", true).unwrap();
+        broker.take_statuses(1, true).await;
+        drop(broker);
+        assert!(matches!(next(&mut rx).await, Inbound::Disconnected { .. }));
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(true).await;
+        assert_eq!(
+            broker.take_statuses(1, true).await,
+            [pair("node", "\"online\"")]
+        );
+        assert_eq!(broker.quiet(QUIET).await, None);
+
+        // A status set right before shutdown still goes out, before the
+        // DISCONNECT.
+        handle.publish_latest("s/j4", "canceled", false).unwrap();
+        shutdown.cancel();
+        assert_eq!(
+            broker.take_statuses(1, true).await,
+            [pair("s/j4", "\"canceled\"")]
+        );
+        assert_eq!(broker.read().await, Packet::Disconnect);
+        drop(broker);
+        tokio::time::timeout(STEP, task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_job_is_delivered_again_after_a_reconnect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut s = ClientSettings::new(url(&format!("mqtt://127.0.0.1:{port}")), "node-a");
+        s.keep_alive = Duration::from_secs(60);
+        s.manual_acks = true;
+        let shutdown = CancellationToken::new();
+        let (handle, mut rx, task) = spawn(s, shutdown.clone()).unwrap();
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(false).await;
+        next(&mut rx).await;
+
+        let mut job = rumqttc::Publish::new("t/jobs/j1", QoS::AtLeastOnce, b"{}".to_vec());
+        job.pkid = 3;
+        broker.write(Packet::Publish(job.clone())).await;
+        assert!(matches!(next(&mut rx).await, Inbound::Message { .. }));
+        // The consumer did not get to record it: no acknowledgement.
+        assert_eq!(broker.quiet(QUIET).await, None);
+        drop(broker);
+        assert!(matches!(next(&mut rx).await, Inbound::Disconnected { .. }));
+
+        // The broker redelivers (as MQTT 3.1.1 requires for a session);
+        // this time it is acknowledged.
+        let mut broker = ScriptedBroker::accept(&listener).await;
+        broker.connack(true).await;
+        next(&mut rx).await;
+        job.dup = true;
+        broker.write(Packet::Publish(job)).await;
+        let Inbound::Message { ack, .. } = next(&mut rx).await else {
+            panic!("expected the job again")
+        };
+        handle.ack(&ack).await.unwrap();
+        assert_eq!(broker.read().await, Packet::PubAck(rumqttc::PubAck::new(3)));
+        shutdown.cancel();
+        assert_eq!(broker.read().await, Packet::Disconnect);
+        drop(broker);
+        tokio::time::timeout(STEP, task).await.unwrap().unwrap();
     }
 }

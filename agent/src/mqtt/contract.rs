@@ -635,6 +635,9 @@ pub struct JobStatus {
     /// Why the engine's call was used instead of runc.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_fallback: Option<String>,
+    /// While `queued`: its place in the node's line (1 runs next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
     pub updated_ms: u64,
 }
 
@@ -665,6 +668,7 @@ impl JobStatus {
             error: None,
             checkpoint_via: None,
             checkpoint_fallback: None,
+            position: None,
             updated_ms,
         }
     }

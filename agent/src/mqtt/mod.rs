@@ -3,13 +3,16 @@
 //! - [`contract`]: topics and payloads as plain data, and the job parser that
 //!   treats every payload as hostile.
 //! - [`ledger`]: the job ids already seen, so a job never runs twice.
+//! - [`board`]: retained statuses, latest value wins, until the broker
+//!   acknowledged them.
 //! - [`client`]: the one task that owns the broker connection.
 
+pub mod board;
 pub mod client;
 pub mod contract;
 pub mod ledger;
 
-pub use client::{spawn, BrokerUrl, ClientSettings, Inbound, MqttHandle};
+pub use client::{spawn, Ack, BrokerUrl, ClientSettings, Inbound, MqttHandle};
 pub use contract::{
     parse_job, validate_id, Accepted, ContractError, JobRequest, JobState, JobStatus,
     MigrateOptions, NodeStatus, Phase, RateSpec, Rejected, Role, TopicKind, Topics,

@@ -28,6 +28,8 @@ struct State {
     images: HashSet<String>,
     calls: Vec<&'static str>,
     failing: HashSet<&'static str>,
+    /// Calls that never return (a hung engine).
+    hanging: HashSet<&'static str>,
     /// `checkpoint` fails only after it stopped the container.
     fail_after_stopping: bool,
     next_id: u64,
@@ -95,6 +97,11 @@ impl FakeEngine {
     /// Every call named `call` (the trait method's name) fails from now on.
     pub fn fail(&self, call: &'static str) {
         self.state().failing.insert(call);
+    }
+
+    /// Every call named `call` never returns from now on.
+    pub fn hang(&self, call: &'static str) {
+        self.state().hanging.insert(call);
     }
 
     /// `checkpoint` stops the container, then reports a failure: what a
@@ -169,6 +176,13 @@ impl FakeEngine {
         Ok(())
     }
 
+    /// Never returns if `call` hangs.
+    async fn stall(&self, call: &'static str) {
+        if self.state().hanging.contains(call) {
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn set_running(&self, id: &str, running: bool) -> Result<(), RuntimeError> {
         let mut s = self.state();
         let e = s
@@ -202,6 +216,7 @@ impl Engine for FakeEngine {
 
     async fn inspect(&self, name: &str) -> Result<Container, RuntimeError> {
         self.enter("inspect", name)?;
+        self.stall("inspect").await;
         let (id, e) = self
             .find(name)
             .ok_or_else(|| RuntimeError::NotFound(name.into()))?;
@@ -282,6 +297,7 @@ impl Engine for FakeEngine {
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
         self.enter("restore", id)?;
+        self.stall("restore").await;
         let images = self.dir(id, checkpoint).join("pages-1.img");
         if !images.is_file() {
             return Err(RuntimeError::Engine {

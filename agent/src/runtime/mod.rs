@@ -2,6 +2,7 @@
 //! drivers can be unit-tested with a recording fake (`fake`, tests only)
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
+pub mod deadline;
 pub mod docker;
 #[cfg(test)]
 pub(crate) mod fake;
@@ -17,6 +18,7 @@ pub mod volumes;
 use std::future::Future;
 use std::path::PathBuf;
 
+pub use deadline::{Deadlines, EngineDeadlines};
 pub use docker::Docker;
 pub use runc::RuncSettings;
 pub use sockets::{TcpDump, TcpMode, TcpState};
@@ -97,6 +99,14 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Runc(#[from] runc::RuncError),
+    #[error(
+        "engine call {call} for {subject} did not return within {after:?}; the engine may be hung"
+    )]
+    Timeout {
+        call: &'static str,
+        subject: String,
+        after: std::time::Duration,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,0 +1,231 @@
+//! Every engine call with a deadline: [`Deadlines`] wraps an [`Engine`] and
+//! fails a call that does not return in time with
+//! [`RuntimeError::Timeout`], which names the call and the wait, so a hung
+//! engine fails the job with its reason instead of holding it for ever.
+//!
+//! Checkpoint and restore wait in proportion to the state they move (the
+//! container's memory, the checkpoint folder's size): a large checkpoint is
+//! slow, not hung. Dropping the engine's future does not stop the daemon's
+//! own work; the deadlines are long so that they only catch a hang.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{
+    CheckpointOptions, Checkpointed, Container, ContainerSpec, Engine, EngineInfo, RuntimeError,
+    TcpState,
+};
+
+/// How long each engine call may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineDeadlines {
+    /// Every call that moves no checkpoint state (inspect, create, remove...).
+    pub call: Duration,
+    /// Checkpoint or restore of an empty container.
+    pub base: Duration,
+    /// Added per GiB of state: Docker's own paths move about 30 MiB/s on a
+    /// laptop (see the README's figures), an SD card much less.
+    pub per_gib: Duration,
+}
+
+impl Default for EngineDeadlines {
+    fn default() -> Self {
+        EngineDeadlines {
+            call: Duration::from_secs(120),
+            base: Duration::from_secs(300),
+            per_gib: Duration::from_secs(300),
+        }
+    }
+}
+
+impl EngineDeadlines {
+    /// The wait for a checkpoint or restore of `bytes` of state.
+    pub fn for_state(&self, bytes: u64) -> Duration {
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        self.base + self.per_gib.mul_f64(gib)
+    }
+}
+
+/// An engine whose every call has a deadline.
+pub struct Deadlines<E> {
+    inner: E,
+    limits: EngineDeadlines,
+}
+
+impl<E> Deadlines<E> {
+    pub fn new(inner: E, limits: EngineDeadlines) -> Self {
+        Deadlines { inner, limits }
+    }
+
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+}
+
+async fn within<T>(
+    call: &'static str,
+    subject: &str,
+    after: Duration,
+    f: impl Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    tokio::time::timeout(after, f).await.unwrap_or_else(|_| {
+        Err(RuntimeError::Timeout {
+            call,
+            subject: subject.to_owned(),
+            after,
+        })
+    })
+}
+
+/// Bytes in the files under `dir` (0 if it cannot be read).
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+impl<E: Engine> Engine for Deadlines<E> {
+    async fn info(&self) -> Result<EngineInfo, RuntimeError> {
+        within("info", "engine", self.limits.call, self.inner.info()).await
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Container, RuntimeError> {
+        within("inspect", name, self.limits.call, self.inner.inspect(name)).await
+    }
+
+    async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
+        let f = self.inner.memory_usage(id);
+        within("memory_usage", id, self.limits.call, f).await
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        let f = self.inner.image_exists(image);
+        within("image_exists", image, self.limits.call, f).await
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        within(
+            "create",
+            &spec.name,
+            self.limits.call,
+            self.inner.create(spec),
+        )
+        .await
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        options: CheckpointOptions,
+    ) -> Result<Checkpointed, RuntimeError> {
+        let memory = self.memory_usage(id).await.unwrap_or(0);
+        let after = self.limits.for_state(memory);
+        let f = self.inner.checkpoint(id, checkpoint, options);
+        within("checkpoint", id, after, f).await
+    }
+
+    async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {
+        within("tcp_state", id, self.limits.call, self.inner.tcp_state(id)).await
+    }
+
+    async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
+        let f = self.inner.checkpoint_dir(id, checkpoint);
+        within("checkpoint_dir", id, self.limits.call, f).await
+    }
+
+    async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
+        let size = match self.checkpoint_dir(id, checkpoint).await {
+            Ok(dir) => tokio::task::spawn_blocking(move || dir_size(&dir))
+                .await
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        let after = self.limits.for_state(size);
+        within("restore", id, after, self.inner.restore(id, checkpoint)).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        within("remove", id, self.limits.call, self.inner.remove(id)).await
+    }
+
+    async fn delete_checkpoint(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
+        let f = self.inner.delete_checkpoint(id, checkpoint);
+        within("delete_checkpoint", id, self.limits.call, f).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::fake::FakeEngine;
+    use crate::stream::testutil::TempDir;
+
+    fn limits() -> EngineDeadlines {
+        EngineDeadlines {
+            call: Duration::from_secs(10),
+            base: Duration::from_secs(60),
+            per_gib: Duration::from_secs(120),
+        }
+    }
+
+    #[test]
+    fn state_calls_wait_in_proportion_to_the_state() {
+        let l = limits();
+        assert_eq!(l.for_state(0), Duration::from_secs(60));
+        assert_eq!(l.for_state(1 << 30), Duration::from_secs(180));
+        assert_eq!(l.for_state(512 << 20), Duration::from_secs(120));
+    }
+
+    #[tokio::test]
+    async fn a_hung_call_fails_with_its_name_and_wait() {
+        let dir = TempDir::new("deadline");
+        let fake = FakeEngine::new(&dir.join("engine"), &["img"]);
+        let id = fake.run("web", "img");
+        let short = EngineDeadlines {
+            call: Duration::from_millis(100),
+            base: Duration::from_millis(300),
+            per_gib: Duration::from_secs(1024),
+        };
+        let engine = Deadlines::new(fake, short.clone());
+        // Answers in time: passes through.
+        assert!(engine.inspect("web").await.unwrap().running);
+
+        engine.inner().hang("restore");
+        engine.inner().hang("inspect");
+        let plain = CheckpointOptions {
+            tcp: crate::runtime::TcpDump::Plain,
+        };
+        engine.checkpoint(&id, "cp", plain).await.unwrap();
+        // The fake's checkpoint folder holds about 600 KiB: at 1024 s per
+        // GiB that adds about 0.6 s to the base wait.
+        let started = tokio::time::Instant::now();
+        let err = engine.restore(&id, "cp").await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(850) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "engine call restore for {id} did not return within 8"
+            )) && text.ends_with("the engine may be hung"),
+            "{text}"
+        );
+        let err = engine.inspect("web").await.unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::Timeout { call: "inspect", after, .. } if after == Duration::from_millis(100)),
+            "{err}"
+        );
+    }
+}

@@ -66,9 +66,86 @@ pub fn criu_status() -> Result<String, String> {
     }
 }
 
+/// The first three numbers of a version or kernel release: `4.2.1`,
+/// `4.2` (patch 0), `6.16.3-1-amd64` (the suffix ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    /// `None` unless the text starts with at least `MAJOR.MINOR`.
+    pub fn parse(text: &str) -> Option<Version> {
+        let numeric = text
+            .trim()
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?;
+        let mut parts = numeric.split('.').map(str::parse::<u32>);
+        let major = parts.next()?.ok()?;
+        let minor = parts.next()?.ok()?;
+        let patch = parts.next().and_then(Result::ok).unwrap_or(0);
+        Some(Version(major, minor, patch))
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// From this kernel on, `SO_PASSCRED` and `SO_PASSSEC` exist only on unix
+/// and netlink sockets.
+pub const SOCKET_OPTS_KERNEL: Version = Version(6, 16, 0);
+/// The first CRIU that dumps TCP and UDP sockets on such kernels (CRIU
+/// issues 2705 and 2718): older ones fail on any process holding one with
+/// `Can't get 1:16 opt: Operation not supported`.
+pub const SOCKET_OPTS_CRIU: Version = Version(4, 2, 0);
+
+/// Whether CRIU version `criu` can dump a process holding a TCP or UDP
+/// socket on kernel release `kernel`. A version that does not parse is
+/// given the benefit of the doubt: `criu check` already passed.
+pub fn criu_dumps_sockets(kernel: &str, criu: &str) -> bool {
+    match (Version::parse(kernel), Version::parse(criu)) {
+        (Some(k), Some(c)) => k < SOCKET_OPTS_KERNEL || c >= SOCKET_OPTS_CRIU,
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_parse_from_criu_and_kernel_text() {
+        assert_eq!(Version::parse("4.2.1"), Some(Version(4, 2, 1)));
+        assert_eq!(Version::parse("4.2"), Some(Version(4, 2, 0)));
+        assert_eq!(Version::parse("6.16.3-1-amd64"), Some(Version(6, 16, 3)));
+        assert_eq!(Version::parse("6.18.44-fc-v782"), Some(Version(6, 18, 44)));
+        assert_eq!(
+            Version::parse("6.12.34+rpt-rpi-v8"),
+            Some(Version(6, 12, 34))
+        );
+        assert_eq!(Version::parse("6.16-rc1"), Some(Version(6, 16, 0)));
+        for bad in ["", "4", "v4.2", "x.y", "4.x"] {
+            assert_eq!(Version::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kernels_from_6_16_need_criu_4_2_for_sockets() {
+        // Raspberry Pi kernels today: any CRIU that passes `criu check`.
+        assert!(criu_dumps_sockets("6.12.34+rpt-rpi-v8", "4.1.1"));
+        assert!(criu_dumps_sockets("6.15.9", "3.17.1"));
+        // The bed's kernel and later.
+        assert!(!criu_dumps_sockets("6.16.0", "4.1.1"));
+        assert!(!criu_dumps_sockets("6.18.44-fc-v782", "4.1"));
+        assert!(!criu_dumps_sockets("7.0.1", "3.19"));
+        assert!(criu_dumps_sockets("6.16.0", "4.2"));
+        assert!(criu_dumps_sockets("6.18.44-fc-v782", "4.2.1"));
+        assert!(criu_dumps_sockets("6.18.44-fc-v782", "5.0"));
+        // Unknown text is not a refusal.
+        assert!(criu_dumps_sockets("", "4.1.1"));
+        assert!(criu_dumps_sockets("6.18.0", "git-abcdef"));
+    }
 
     #[test]
     fn host_facts_are_plausible() {

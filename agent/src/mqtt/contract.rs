@@ -651,7 +651,15 @@ pub struct NodeStatus {
     pub version: String,
     pub arch: String,
     pub page_size: u64,
+    /// The version of a CRIU that works here; `None` when none does.
     pub criu: Option<String>,
+    /// Why CRIU cannot be used here (it fails `criu check`, or cannot dump
+    /// sockets on this kernel), naming the version found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub criu_error: Option<String>,
+    /// The kernel release the engine runs containers on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     pub docker: Option<String>,
     pub data_addr: Option<String>,
     pub free_mem: u64,
@@ -1116,6 +1124,8 @@ mod tests {
             arch: "aarch64".into(),
             page_size: 4096,
             criu: Some("4.1".into()),
+            criu_error: None,
+            kernel: Some("6.12.34+rpt-rpi-v8".into()),
             docker: Some("28.0.1".into()),
             data_addr: Some("10.0.0.2:7070".into()),
             free_mem: 1 << 30,
@@ -1130,6 +1140,7 @@ mod tests {
             "arch",
             "page_size",
             "criu",
+            "kernel",
             "docker",
             "data_addr",
             "free_mem",

@@ -143,6 +143,7 @@ impl Agent {
             page_size: crate::sysinfo::page_size(),
             criu,
             work_dir: config.work_dir.clone(),
+            advertise: Some(advertise),
             reporter: Box::new(MqttReporter {
                 mqtt: mqtt.clone(),
                 topics: topics.clone(),

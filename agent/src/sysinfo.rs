@@ -66,6 +66,32 @@ pub fn criu_status() -> Result<String, String> {
     }
 }
 
+/// The IPv4 subnets this host routes (`10.200.1.0/24`), but not its
+/// default route: what a network created here must not overlap.
+pub fn ipv4_routes() -> Vec<String> {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| parse_routes(&t))
+        .unwrap_or_default()
+}
+
+/// The routes of a `/proc/net/route` text. Its addresses are the kernel's
+/// big-endian words printed as native integers.
+pub fn parse_routes(text: &str) -> Vec<String> {
+    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::to_ne_bytes);
+    let mut out: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let dest = std::net::Ipv4Addr::from(word(fields.get(1)?)?);
+            let mask = u32::from_be_bytes(word(fields.get(7)?)?);
+            (mask != 0).then(|| format!("{dest}/{}", mask.count_ones()))
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
 /// The first three numbers of a version or kernel release: `4.2.1`,
 /// `4.2` (patch 0), `6.16.3-1-amd64` (the suffix ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,6 +139,19 @@ pub fn criu_dumps_sockets(kernel: &str, criu: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_parse_from_proc_net_route() {
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            fb0n1\t0001C80A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            br-1\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        if cfg!(target_endian = "little") {
+            assert_eq!(parse_routes(text), ["10.200.1.0/24", "172.17.0.0/16"]);
+        }
+        assert!(parse_routes("").is_empty());
+    }
 
     #[test]
     fn versions_parse_from_criu_and_kernel_text() {

@@ -87,6 +87,9 @@ pub struct Node<E> {
     /// CRIU's version, or why it does not work here.
     pub criu: Result<String, String>,
     pub work_dir: PathBuf,
+    /// The data address this node advertises; a port the source published
+    /// on its own address is published on this one's IP.
+    pub advertise: Option<SocketAddr>,
     pub reporter: Box<dyn Reporter>,
     pub dialer: Box<dyn Dial>,
     pub timeouts: Timeouts,

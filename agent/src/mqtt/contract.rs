@@ -609,6 +609,12 @@ pub struct JobStatus {
     pub timings_ms: BTreeMap<Phase, u64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The container's IP address on each of its networks on the source,
+    /// and (in the target's status, once restored) on the target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub old_addresses: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub new_addresses: BTreeMap<String, String>,
     pub updated_ms: u64,
 }
 
@@ -637,6 +643,8 @@ impl JobStatus {
             rate_bps: 0,
             timings_ms: BTreeMap::new(),
             error: None,
+            old_addresses: BTreeMap::new(),
+            new_addresses: BTreeMap::new(),
             updated_ms,
         }
     }

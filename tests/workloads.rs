@@ -274,8 +274,8 @@ fn mqtt_client_counts_on_and_reaches_the_broker_again_after_the_restore() {
         .find(|l| l.starts_with("lost"))
         .unwrap_or("(no lost line)");
     println!(
-        "mqttpub: node1 published 0..={last}; node2 went on at {} and its first message reached the broker {back_ms} ms \
-         after the restore ended; node2 said {lost:?}; address {old} -> {new}; timings {}",
+        "mqttpub: node1 published 0..={last}; node2 went on at {} and its first message reached the broker {back_ms:+} ms \
+         from the end of the target's restore phase (negative: during its settle check); node2 said {lost:?}; address {old} -> {new}; timings {}",
         after[0].1, status["timings_ms"]
     );
     assert!(

@@ -64,6 +64,7 @@ fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &
             name: name.to_string(),
             image: COUNTER_IMAGE.to_string(),
             create_body: json!({"Image": COUNTER_IMAGE, "HostConfig": {"NetworkMode": "none"}}),
+            networks: Vec::new(),
         },
         estimate_bytes: MIB,
         arch: target_status["arch"].as_str().unwrap_or("").to_string(),

@@ -152,6 +152,7 @@ impl Agent {
             page_size: crate::sysinfo::page_size(),
             criu,
             work_dir: config.work_dir.clone(),
+            advertise: Some(advertise),
             reporter: Box::new(MqttReporter {
                 mqtt: mqtt.clone(),
                 topics: topics.clone(),
@@ -164,9 +165,14 @@ impl Agent {
             peers: Peers::default(),
             jobs: JobRegistry::new(&config.node_id),
         });
+        if let (Ok(_), Some(why)) = (&node.criu, node.criu_problem()) {
+            warn!(%why, "this node can neither send nor receive migrations");
+        }
         info!(
             node = %node.id,
             arch = %node.engine_info.arch,
+            kernel = %node.engine_info.kernel,
+            criu = ?node.criu,
             data = %advertise,
             work_dir = %config.work_dir.display(),
             state_dir = %config.state_dir.display(),
@@ -519,12 +525,15 @@ async fn admit<E: Engine>(node: &Node<E>, job: &MigrateJob) -> Result<JobGuard, 
 }
 
 fn node_status<E: Engine>(node: &Node<E>, online: bool, advertise: &str) -> NodeStatus {
+    let problem = node.criu_problem();
     NodeStatus {
         online,
         version: env!("CARGO_PKG_VERSION").to_string(),
         arch: node.engine_info.arch.clone(),
         page_size: node.page_size,
-        criu: node.criu.as_ref().ok().cloned(),
+        criu: problem.is_none().then(|| node.criu.clone().ok()).flatten(),
+        criu_error: problem,
+        kernel: Some(node.engine_info.kernel.clone()).filter(|k| !k.is_empty()),
         docker: Some(node.engine_info.version.clone()),
         data_addr: Some(advertise.to_string()),
         free_mem: crate::sysinfo::mem_available().unwrap_or(0),

@@ -376,6 +376,21 @@ impl<B: Broker> Fleet<B> {
         self.node(n).run(&name, image, args)
     }
 
+    /// Starts a container on node `n` under a fresh name, tracked, with
+    /// `docker run` options (see [`Node::run_with`]).
+    pub fn run_with(
+        &self,
+        n: usize,
+        prefix: &str,
+        options: &[&str],
+        image: &str,
+        args: &[&str],
+    ) -> Container {
+        let name = unique_name(prefix);
+        self.track(&name);
+        self.node(n).run_with(&name, options, image, args)
+    }
+
     /// Starts `counter` on node `n` and waits until it has printed a few
     /// values.
     pub fn start_counter(&self, n: usize) -> Container {
@@ -618,6 +633,9 @@ impl Drop for Agent {
 struct SubState {
     subscribed: bool,
     messages: Vec<(String, String)>,
+    /// When each message arrived, in ms since the Unix epoch (the agents'
+    /// clock for `updated_ms`).
+    arrived_ms: Vec<u64>,
     debug: Vec<String>,
     stderr: String,
 }
@@ -656,6 +674,7 @@ impl Subscriber {
                     s.debug.push(line);
                 } else if let Some((topic, payload)) = line.split_once(' ') {
                     s.messages.push((topic.to_string(), payload.to_string()));
+                    s.arrived_ms.push(now_ms());
                 }
             }
         });
@@ -682,6 +701,17 @@ impl Subscriber {
 
     pub fn messages(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().messages.clone()
+    }
+
+    /// The payloads received so far, each with its arrival time (ms since
+    /// the Unix epoch).
+    pub fn payloads_at(&self) -> Vec<(u64, String)> {
+        let s = self.state.lock().unwrap();
+        s.arrived_ms
+            .iter()
+            .zip(&s.messages)
+            .map(|(t, (_, p))| (*t, p.clone()))
+            .collect()
     }
 
     /// Whether the broker acknowledged the subscription.
@@ -717,6 +747,13 @@ impl Drop for Subscriber {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// After a rollback: the source's counter runs again and its output has no

@@ -128,6 +128,12 @@ pub struct Bed {
     pub state: PathBuf,
     /// `mqtt://127.0.0.1:PORT`
     pub mqtt: String,
+    /// The broker as containers on any node's bridge reach it
+    /// (`FERRY_BED_MQTT_BRIDGE_HOST`, `FERRY_BED_MQTT_PORT`), when the bed
+    /// says.
+    pub mqtt_bridge: Option<(Ipv4Addr, u16)>,
+    /// This bed's network index K: its subnets are 10.(200+K).0.0/16.
+    pub net_index: Option<u8>,
     pub nodes: Vec<Node>,
 }
 
@@ -217,9 +223,16 @@ impl Bed {
                 docker: docker.clone(),
             });
         }
+        let text = |key: &str| map.get(key).map(String::as_str).unwrap_or_default();
+        let mqtt_bridge = text("FERRY_BED_MQTT_BRIDGE_HOST")
+            .parse()
+            .ok()
+            .zip(text("FERRY_BED_MQTT_PORT").parse().ok());
         Ok(Bed {
             state: get("FERRY_BED_STATE")?.into(),
             mqtt: get("FERRY_BED_MQTT")?,
+            mqtt_bridge,
+            net_index: text("FERRY_BED_NET_INDEX").parse().ok(),
             nodes,
         })
     }
@@ -367,6 +380,29 @@ impl Node {
         Container::new(self, name, id)
     }
 
+    /// `docker run -d --name NAME OPTIONS... IMAGE ARGS...`: a container
+    /// with the networks, ports and settings `options` give (the default
+    /// bridge when they name no network); removed when the guard drops.
+    pub fn run_with(&self, name: &str, options: &[&str], image: &str, args: &[&str]) -> Container {
+        let mut argv = vec!["run", "-d", "--name", name];
+        argv.extend_from_slice(options);
+        argv.push(image);
+        argv.extend_from_slice(args);
+        let id = self.docker_ok(&argv).trim().to_string();
+        Container::new(self, name, id)
+    }
+
+    /// Writes `text` as this node's CRIU configuration (see `tests/bed/bed`:
+    /// the node's CRIU reads `DIR/criu.conf` while it exists, as runc's
+    /// CRIU reads /etc/criu/runc.conf on a device); removed when the guard
+    /// drops.
+    pub fn criu_conf(&self, text: &str) -> RemoveOnDrop {
+        let path = self.dir.join("criu.conf");
+        fs::write(&path, text)
+            .unwrap_or_else(|e| panic!("{}: cannot write {}: {e}", self.name, path.display()));
+        RemoveOnDrop(path)
+    }
+
     /// Creates a container without starting it (`--network none`, always).
     pub fn create(&self, name: &str, image: &str, args: &[&str]) -> Container {
         let mut argv = vec!["create", "--network", "none", "--name", name, image];
@@ -446,6 +482,34 @@ impl Drop for Container {
             eprintln!("{e} ({})", self.name);
         }
     }
+}
+
+/// A file removed when dropped.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A TCP port nothing listens on at any of `addrs` right now: for a port a
+/// container publishes on one node and, after a migration, on another.
+pub fn free_port(addrs: &[Ipv4Addr]) -> u16 {
+    for _ in 0..100 {
+        let Some(first) = addrs.first() else {
+            panic!("free_port needs an address");
+        };
+        let probe = std::net::TcpListener::bind((*first, 0)).expect("bind a probe port");
+        let port = probe.local_addr().expect("probe address").port();
+        if addrs[1..]
+            .iter()
+            .all(|a| std::net::TcpListener::bind((*a, port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no port free on all of {addrs:?}");
 }
 
 /// Names of the containers a test created, or had an agent create for it:

@@ -25,6 +25,18 @@ pub enum CheckError {
     },
     #[error("CRIU does not work on {node}: {why}")]
     Criu { node: String, why: String },
+    #[error(
+        "CRIU {criu} on {node} cannot dump TCP or UDP sockets on its kernel {kernel}: \
+         kernels from {min_kernel} on allow SO_PASSCRED/SO_PASSSEC only on unix and netlink \
+         sockets, which CRIU handles from {min_criu} on (CRIU issues 2705, 2718); install CRIU >= {min_criu}",
+        min_kernel = crate::sysinfo::SOCKET_OPTS_KERNEL,
+        min_criu = crate::sysinfo::SOCKET_OPTS_CRIU
+    )]
+    CriuSockets {
+        node: String,
+        criu: String,
+        kernel: String,
+    },
     #[error("target node {node} is unknown (no status seen)")]
     PeerUnknown { node: String },
     #[error("target node {node} is offline")]
@@ -103,6 +115,10 @@ pub struct Facts<'a> {
     pub page_size: u64,
     /// `Err(why)` when CRIU cannot checkpoint or restore on that node.
     pub criu: Result<(), &'a str>,
+    /// CRIU's version and the kernel release, when known: together they
+    /// say whether CRIU can dump sockets there.
+    pub criu_version: Option<&'a str>,
+    pub kernel: Option<&'a str>,
 }
 
 impl<'a> Facts<'a> {
@@ -112,10 +128,13 @@ impl<'a> Facts<'a> {
             node,
             arch: &status.arch,
             page_size: status.page_size,
-            criu: match status.criu {
-                Some(_) => Ok(()),
-                None => Err("its status reports no working CRIU"),
+            criu: match (&status.criu, &status.criu_error) {
+                (_, Some(why)) => Err(why),
+                (Some(_), None) => Ok(()),
+                (None, None) => Err("its status reports no working CRIU"),
             },
+            criu_version: status.criu.as_deref(),
+            kernel: status.kernel.as_deref(),
         }
     }
 
@@ -127,20 +146,39 @@ impl<'a> Facts<'a> {
             arch: &prepare.arch,
             page_size: prepare.page_size,
             criu: Ok(()),
+            criu_version: None,
+            kernel: None,
         }
     }
+}
+
+/// CRIU works on that node, and can dump sockets on its kernel. The node
+/// status reports the outcome for its own node; [`compatible`] checks both
+/// sides with it.
+pub fn criu_usable(side: &Facts) -> Result<(), CheckError> {
+    if let Err(why) = side.criu {
+        return Err(CheckError::Criu {
+            node: side.node.to_owned(),
+            why: why.to_owned(),
+        });
+    }
+    if let (Some(kernel), Some(criu)) = (side.kernel, side.criu_version) {
+        if !crate::sysinfo::criu_dumps_sockets(kernel, criu) {
+            return Err(CheckError::CriuSockets {
+                node: side.node.to_owned(),
+                criu: criu.to_owned(),
+                kernel: kernel.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The compatibility check: a checkpoint of `source` can be restored on
 /// `target`. Every side that decides calls this one function.
 pub fn compatible(source: &Facts, target: &Facts) -> Result<(), CheckError> {
     for side in [source, target] {
-        if let Err(why) = side.criu {
-            return Err(CheckError::Criu {
-                node: side.node.to_owned(),
-                why: why.to_owned(),
-            });
-        }
+        criu_usable(side)?;
     }
     if source.arch != target.arch {
         return Err(CheckError::Arch {
@@ -338,6 +376,8 @@ mod tests {
             arch,
             page_size,
             criu: Ok(()),
+            criu_version: Some("4.2.1"),
+            kernel: Some("6.18.44"),
         }
     }
 
@@ -348,6 +388,8 @@ mod tests {
             arch: arch.into(),
             page_size: 4096,
             criu: criu.then(|| "4.2".into()),
+            criu_error: None,
+            kernel: Some("6.18.44".into()),
             docker: None,
             data_addr: Some("127.0.0.1:7070".into()),
             free_mem: 0,
@@ -378,6 +420,44 @@ mod tests {
         // CRIU first: without it nothing else matters.
         let e = compatible(&a, &broken).unwrap_err();
         assert_eq!(e.to_string(), "CRIU does not work on b: criu check failed");
+    }
+
+    #[test]
+    fn a_criu_that_cannot_dump_sockets_on_its_kernel_is_refused_with_the_reason() {
+        let old_criu = Facts {
+            criu_version: Some("4.1.1"),
+            ..facts("b", "x86_64", 4096)
+        };
+        let e = compatible(&facts("a", "x86_64", 4096), &old_criu).unwrap_err();
+        assert!(matches!(e, CheckError::CriuSockets { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "CRIU 4.1.1 on b cannot dump TCP or UDP sockets on its kernel 6.18.44: kernels \
+             from 6.16.0 on allow SO_PASSCRED/SO_PASSSEC only on unix and netlink sockets, \
+             which CRIU handles from 4.2.0 on (CRIU issues 2705, 2718); install CRIU >= 4.2.0"
+        );
+        // The source is checked the same way.
+        let e = compatible(&old_criu, &facts("a", "x86_64", 4096)).unwrap_err();
+        assert!(e.to_string().starts_with("CRIU 4.1.1 on b "), "{e}");
+        // The same CRIU on a Raspberry Pi kernel of today is fine.
+        let pi = Facts {
+            kernel: Some("6.12.34+rpt-rpi-v8"),
+            ..old_criu
+        };
+        assert!(compatible(&facts("a", "x86_64", 4096), &pi).is_ok());
+        // A peer reports its reason in its status, and an older peer that
+        // reports only versions is judged on them.
+        let mut peer = status(true, "x86_64", false);
+        peer.criu_error = Some("CRIU 4.1.1 on b cannot dump TCP or UDP sockets".into());
+        let e = target_ready(&facts("a", "x86_64", 4096), "b", Some(&peer)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "CRIU does not work on b: CRIU 4.1.1 on b cannot dump TCP or UDP sockets"
+        );
+        let mut older = status(true, "x86_64", true);
+        older.criu = Some("4.1.1".into());
+        let e = target_ready(&facts("a", "x86_64", 4096), "b", Some(&older)).unwrap_err();
+        assert!(matches!(e, CheckError::CriuSockets { .. }), "{e:?}");
     }
 
     #[test]

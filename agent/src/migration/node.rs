@@ -87,6 +87,9 @@ pub struct Node<E> {
     /// CRIU's version, or why it does not work here.
     pub criu: Result<String, String>,
     pub work_dir: PathBuf,
+    /// The data address this node advertises; a port the source published
+    /// on its own address is published on this one's IP.
+    pub advertise: Option<SocketAddr>,
     pub reporter: Box<dyn Reporter>,
     pub dialer: Box<dyn Dial>,
     pub timeouts: Timeouts,
@@ -102,7 +105,16 @@ impl<E> Node<E> {
             arch: &self.engine_info.arch,
             page_size: self.page_size,
             criu: self.criu.as_ref().map(|_| ()).map_err(String::as_str),
+            criu_version: self.criu.as_deref().ok(),
+            kernel: Some(self.engine_info.kernel.as_str()).filter(|k| !k.is_empty()),
         }
+    }
+
+    /// Why CRIU cannot serve migrations on this node, if it cannot.
+    pub fn criu_problem(&self) -> Option<String> {
+        super::check::criu_usable(&self.facts())
+            .err()
+            .map(|e| e.to_string())
     }
 
     pub async fn publish_job(&self, status: &JobStatus) {

@@ -14,7 +14,7 @@ use super::machine::{Outcome, SourceMachine, Step};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
 use crate::mqtt::contract::{JobStatus, Role};
-use crate::runtime::{sockets, CheckpointOptions, Container, Engine, TcpDump, TcpMode};
+use crate::runtime::{networks, sockets, CheckpointOptions, Container, Engine, TcpDump, TcpMode};
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
 /// A migrate job as accepted from MQTT.
@@ -116,7 +116,13 @@ impl<E: Engine> Driver<'_, E> {
     async fn perform(&mut self, step: Step, machine: &mut SourceMachine) -> Outcome {
         let gate = self.gate;
         let result = match step {
-            Step::Precheck => self.precheck().await,
+            Step::Precheck => {
+                let r = self.precheck().await;
+                if let Some(c) = &self.container {
+                    machine.old_addresses(networks::addresses(&c.spec.networks));
+                }
+                r
+            }
             Step::PrepareTarget => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,

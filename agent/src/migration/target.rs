@@ -14,6 +14,7 @@ use super::machine::{Outcome, TargetMachine, TargetStep};
 use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
 use super::{now_ms, MigrationError, Node};
 use crate::mqtt::contract::{JobStatus, Role};
+use crate::runtime::networks::{self, Placement};
 use crate::runtime::Engine;
 use crate::stream::archive::UnpackLimits;
 use crate::stream::wire;
@@ -122,9 +123,12 @@ where
 {
     async fn perform(&mut self, step: TargetStep, machine: &mut TargetMachine) -> Outcome {
         let result = match step {
-            TargetStep::Precheck => self.precheck_and_create().await,
+            TargetStep::Precheck => {
+                machine.old_addresses(networks::addresses(&self.prepare.spec.networks));
+                self.precheck_and_create().await
+            }
             TargetStep::Receive => self.receive(machine).await,
-            TargetStep::Restore => self.restore().await,
+            TargetStep::Restore => self.restore(machine).await,
             TargetStep::AwaitCommit => self.await_commit().await,
             TargetStep::Keep => self.keep().await,
             TargetStep::Refuse => {
@@ -175,15 +179,23 @@ where
         let root = &node.engine_info.root_dir;
         let free = crate::sysinfo::free_disk(root).unwrap_or(u64::MAX);
         check::room(&node.id, "engine root", root, free, p.estimate_bytes)?;
-        let id = node
-            .engine
-            .create(spec)
+        let source_addr = node.peers.get(&p.source_node).and_then(|s| s.data_addr);
+        let place = Placement {
+            source_ip: Placement::ip_of(source_addr.as_deref()),
+            target_ip: node.advertise.map(|a| a.ip()),
+            existing: Vec::new(),
+            host_routes: crate::sysinfo::ipv4_routes(),
+        };
+        let (id, notes) = networks::create_placed(&node.engine, spec, place)
             .await
             .map_err(|source| MigrationError::Create {
                 name: spec.name.clone(),
                 node: node.id.clone(),
                 source: Box::new(source),
             })?;
+        for note in notes {
+            warn!(job = %p.job_id, container = %spec.name, "{note}");
+        }
         self.container_id = Some(id);
         Ok(())
     }
@@ -211,7 +223,7 @@ where
 
     /// Places the verified images where the engine expects them and starts
     /// the container from them.
-    async fn restore(&mut self) -> Result<(), MigrationError> {
+    async fn restore(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
         let (node, checkpoint) = (self.node, &self.prepare.checkpoint);
         let id = self.id()?;
         let dest = node
@@ -244,6 +256,7 @@ where
                 node: node.id.clone(),
             });
         }
+        machine.new_addresses(networks::addresses(&c.spec.networks));
         Ok(())
     }
 

@@ -4,6 +4,8 @@
 //! wire code. The tests below drive `source` and `target` end to end and
 //! check that every failure ends in the state the README promises.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -106,6 +108,11 @@ pub(crate) fn test_node(
         page_size: 4096,
         criu: Ok("4.2.1".into()),
         work_dir,
+        // a on 127.0.0.11, b on 127.0.0.12, as on the bed.
+        advertise: Some(SocketAddr::from((
+            [127, 0, 0, 10 + (id == "b") as u8 + 1],
+            7070,
+        ))),
         reporter: Box::new(statuses.clone()),
         dialer: Box::new(PipeDialer(dialer)),
         timeouts: Timeouts {
@@ -276,6 +283,88 @@ async fn scripted_target(mut conn: DuplexStream, stop: Stop, staging: PathBuf) {
 
 fn state_and_error(s: &JobStatus) -> (JobState, String) {
     (s.state, s.error.clone().unwrap_or_default())
+}
+
+/// A container on a user-defined network (alias, subnet, label) and on the
+/// bridge, publishing a port on the source node's address.
+#[tokio::test]
+async fn the_target_recreates_networks_rebinds_ports_and_reports_addresses() {
+    use crate::runtime::networks::{Attachment, Endpoint, NetworkDef, Pool};
+    let p = Pair::new(Peer::Target);
+    crate::runtime::Engine::remove(&p.a.engine, &p.id)
+        .await
+        .unwrap();
+    let appnet = NetworkDef {
+        name: "appnet".into(),
+        driver: "bridge".into(),
+        labels: BTreeMap::from([("tier".into(), "edge".into())]),
+        pools: vec![Pool {
+            subnet: "10.231.7.0/24".into(),
+            gateway: None,
+            ip_range: None,
+        }],
+        ..NetworkDef::default()
+    };
+    let spec = crate::runtime::ContainerSpec {
+        name: NAME.into(),
+        image: IMAGE.into(),
+        create_body: serde_json::json!({
+            "Image": IMAGE,
+            "HostConfig": {
+                "NetworkMode": "appnet",
+                "PortBindings": {"80/tcp": [{"HostIp": "127.0.0.11", "HostPort": "8080"}]},
+            },
+        }),
+        networks: vec![
+            Attachment {
+                network: "appnet".into(),
+                aliases: vec!["api".into()],
+                address: Some("10.231.7.2".into()),
+                definition: Some(appnet.clone()),
+                ..Attachment::default()
+            },
+            Attachment {
+                network: "bridge".into(),
+                address: Some("10.200.1.2".into()),
+                ..Attachment::default()
+            },
+        ],
+    };
+    p.a.engine.run_spec(&spec);
+    let mut a_status = online("x86_64");
+    a_status.data_addr = Some("127.0.0.11:7070".into());
+    p.b.peers.update("a", a_status);
+
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    let old = BTreeMap::from([
+        ("appnet".to_string(), "10.231.7.2".to_string()),
+        ("bridge".to_string(), "10.200.1.2".to_string()),
+    ]);
+    assert_eq!(status.old_addresses, old);
+    let b = p.b_statuses.final_of("j1").await;
+    assert_eq!(b.old_addresses, old);
+    assert_eq!(
+        b.new_addresses,
+        BTreeMap::from([
+            ("appnet".to_string(), "10.88.0.1".to_string()),
+            ("bridge".to_string(), "10.88.1.1".to_string()),
+        ])
+    );
+    assert!(p.b.engine.network_names().contains(&"appnet".to_string()));
+    let created = p.b.engine.spec_of(NAME).unwrap().create_body;
+    assert_eq!(
+        created["HostConfig"]["PortBindings"]["80/tcp"][0]["HostIp"],
+        "127.0.0.12"
+    );
+    assert_eq!(
+        created["NetworkingConfig"]["EndpointsConfig"]["appnet"]["Aliases"],
+        serde_json::json!(["api"])
+    );
+    assert_eq!(
+        p.b.engine.connected(),
+        [("bridge".to_string(), Endpoint::default())]
+    );
 }
 
 #[tokio::test]
@@ -642,6 +731,7 @@ fn prepare(job: &str) -> Prepare {
             name: NAME.into(),
             image: IMAGE.into(),
             create_body: serde_json::json!({ "Image": IMAGE }),
+            networks: Vec::new(),
         },
         estimate_bytes: 1 << 20,
         arch: "x86_64".into(),

@@ -638,6 +638,12 @@ pub struct JobStatus {
     /// While `queued`: its place in the node's line (1 runs next).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u32>,
+    /// The container's IP address on each of its networks on the source,
+    /// and (in the target's status, once restored) on the target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub old_addresses: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub new_addresses: BTreeMap<String, String>,
     pub updated_ms: u64,
 }
 
@@ -669,6 +675,8 @@ impl JobStatus {
             checkpoint_via: None,
             checkpoint_fallback: None,
             position: None,
+            old_addresses: BTreeMap::new(),
+            new_addresses: BTreeMap::new(),
             updated_ms,
         }
     }
@@ -683,7 +691,15 @@ pub struct NodeStatus {
     pub version: String,
     pub arch: String,
     pub page_size: u64,
+    /// The version of a CRIU that works here; `None` when none does.
     pub criu: Option<String>,
+    /// Why CRIU cannot be used here (it fails `criu check`, or cannot dump
+    /// sockets on this kernel), naming the version found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub criu_error: Option<String>,
+    /// The kernel release the engine runs containers on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     pub docker: Option<String>,
     pub data_addr: Option<String>,
     pub free_mem: u64,
@@ -1160,6 +1176,8 @@ mod tests {
             arch: "aarch64".into(),
             page_size: 4096,
             criu: Some("4.1".into()),
+            criu_error: None,
+            kernel: Some("6.12.34+rpt-rpi-v8".into()),
             docker: Some("28.0.1".into()),
             data_addr: Some("10.0.0.2:7070".into()),
             free_mem: 1 << 30,
@@ -1174,6 +1192,7 @@ mod tests {
             "arch",
             "page_size",
             "criu",
+            "kernel",
             "docker",
             "data_addr",
             "free_mem",

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::networks::{Endpoint, NetworkDef};
 use super::{
     CheckpointOptions, Checkpointed, Container, ContainerSpec, Engine, EngineInfo, RuntimeError,
     TcpState,
@@ -110,6 +111,31 @@ impl<E: Engine> Engine for Deadlines<E> {
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
         let f = self.inner.image_exists(image);
         within("image_exists", image, self.limits.call, f).await
+    }
+
+    async fn networks(&self) -> Result<Vec<NetworkDef>, RuntimeError> {
+        within(
+            "networks",
+            "engine",
+            self.limits.call,
+            self.inner.networks(),
+        )
+        .await
+    }
+
+    async fn create_network(&self, def: &NetworkDef, keep_pools: bool) -> Result<(), RuntimeError> {
+        let f = self.inner.create_network(def, keep_pools);
+        within("create_network", &def.name, self.limits.call, f).await
+    }
+
+    async fn connect(
+        &self,
+        id: &str,
+        network: &str,
+        endpoint: &Endpoint,
+    ) -> Result<(), RuntimeError> {
+        let f = self.inner.connect(id, network, endpoint);
+        within("connect", id, self.limits.call, f).await
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {

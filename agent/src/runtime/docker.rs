@@ -225,6 +225,7 @@ impl Engine for Docker {
             .trim_start_matches('/')
             .to_string();
         let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        let networks = super::networks::attachments(&c, &self.attached_networks(&c).await?);
         let config = c.config.unwrap_or_default();
         let image = config.image.clone().unwrap_or_default();
         // The create body is the inspected config plus its host config: same
@@ -249,8 +250,30 @@ impl Engine for Docker {
                 name: cname,
                 image,
                 create_body: body,
+                networks,
             },
         })
+    }
+
+    async fn networks(&self) -> Result<Vec<super::networks::NetworkDef>, RuntimeError> {
+        self.list_networks().await
+    }
+
+    async fn create_network(
+        &self,
+        def: &super::networks::NetworkDef,
+        keep_pools: bool,
+    ) -> Result<(), RuntimeError> {
+        self.create_network_like(def, keep_pools).await
+    }
+
+    async fn connect(
+        &self,
+        id: &str,
+        network: &str,
+        endpoint: &super::networks::Endpoint,
+    ) -> Result<(), RuntimeError> {
+        self.connect_network(id, network, endpoint).await
     }
 
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {

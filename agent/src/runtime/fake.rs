@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::networks::{Endpoint, NetworkDef};
 use super::{
     CheckpointOptions, CheckpointVia, Checkpointed, Container, ContainerSpec, Engine, EngineInfo,
     RuntimeError, TcpState,
@@ -26,6 +27,9 @@ type Hook = Box<dyn Fn(&'static str) + Send + Sync>;
 struct State {
     containers: HashMap<String, Entry>,
     images: HashSet<String>,
+    networks: Vec<NetworkDef>,
+    /// (container id, network, endpoint) for each `connect`.
+    connected: Vec<(String, String, Endpoint)>,
     calls: Vec<&'static str>,
     failing: HashSet<&'static str>,
     /// Calls that never return (a hung engine).
@@ -49,8 +53,14 @@ pub struct FakeEngine {
 impl FakeEngine {
     /// An engine whose state lives under `root`, with `images` present.
     pub fn new(root: &Path, images: &[&str]) -> Self {
+        let builtin = ["bridge", "host", "none"].map(|n| NetworkDef {
+            name: n.into(),
+            driver: n.into(),
+            ..NetworkDef::default()
+        });
         let state = State {
             images: images.iter().map(|s| s.to_string()).collect(),
+            networks: builtin.to_vec(),
             ..State::default()
         };
         FakeEngine {
@@ -71,6 +81,7 @@ impl FakeEngine {
             name: name.into(),
             image: image.into(),
             create_body: serde_json::json!({ "Image": image }),
+            networks: Vec::new(),
         };
         let id = self.add(&spec);
         self.state().containers.get_mut(&id).unwrap().running = true;
@@ -127,6 +138,36 @@ impl FakeEngine {
 
     pub fn calls(&self) -> Vec<&'static str> {
         self.state().calls.clone()
+    }
+
+    /// Runs a container as [`FakeEngine::run`] with `spec`'s body and
+    /// networks; returns its id.
+    pub fn run_spec(&self, spec: &ContainerSpec) -> String {
+        let id = self.add(spec);
+        self.state().containers.get_mut(&id).unwrap().running = true;
+        id
+    }
+
+    /// The spec a container was created with.
+    pub fn spec_of(&self, name: &str) -> Option<ContainerSpec> {
+        self.find(name).map(|(_, e)| e.spec)
+    }
+
+    pub fn network_names(&self) -> Vec<String> {
+        self.state()
+            .networks
+            .iter()
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// (network, endpoint) of every `connect`, in order.
+    pub fn connected(&self) -> Vec<(String, Endpoint)> {
+        let s = self.state();
+        s.connected
+            .iter()
+            .map(|(_, n, e)| (n.clone(), e.clone()))
+            .collect()
     }
 
     /// `Some(running)` for the container with this name, `None` if absent.
@@ -239,6 +280,37 @@ impl Engine for FakeEngine {
         Ok(self.state().images.contains(image))
     }
 
+    async fn networks(&self) -> Result<Vec<NetworkDef>, RuntimeError> {
+        self.enter("networks", "engine")?;
+        Ok(self.state().networks.clone())
+    }
+
+    async fn create_network(&self, def: &NetworkDef, keep_pools: bool) -> Result<(), RuntimeError> {
+        self.enter("create_network", &def.name)?;
+        let mut def = def.clone();
+        if !keep_pools {
+            def.pools.clear();
+        }
+        self.state().networks.push(def);
+        Ok(())
+    }
+
+    async fn connect(
+        &self,
+        id: &str,
+        network: &str,
+        endpoint: &Endpoint,
+    ) -> Result<(), RuntimeError> {
+        self.enter("connect", network)?;
+        let mut s = self.state();
+        if !s.networks.iter().any(|n| n.name == network) {
+            return Err(RuntimeError::NotFound(network.into()));
+        }
+        s.connected
+            .push((id.into(), network.into(), endpoint.clone()));
+        Ok(())
+    }
+
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.enter("create", &spec.name)?;
         if self.find(&spec.name).is_some() {
@@ -248,7 +320,15 @@ impl Engine for FakeEngine {
                 message: "name in use".into(),
             });
         }
-        Ok(self.add(spec))
+        // The engine gives the new container addresses of its own.
+        let mut spec = spec.clone();
+        let n = self.state().next_id + 1;
+        for (i, a) in spec.networks.iter_mut().enumerate() {
+            if a.network != "host" && a.network != "none" {
+                a.address = Some(format!("10.88.{i}.{n}"));
+            }
+        }
+        Ok(self.add(&spec))
     }
 
     async fn checkpoint(

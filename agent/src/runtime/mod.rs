@@ -8,6 +8,7 @@ pub mod docker;
 pub(crate) mod fake;
 pub mod images;
 pub mod mounts;
+pub mod networks;
 pub mod policy;
 pub mod rootfs;
 pub mod runc;
@@ -56,6 +57,10 @@ pub struct ContainerSpec {
     pub name: String,
     pub image: String,
     pub create_body: serde_json::Value,
+    /// The networks it is attached to, its first network first (empty
+    /// from a source that predates them: the body's `NetworkMode` alone).
+    #[serde(default)]
+    pub networks: Vec<networks::Attachment>,
 }
 
 /// How a checkpoint is to treat the container's established TCP
@@ -119,7 +124,26 @@ pub trait Engine: Send + Sync {
     /// Memory the container uses now: the size its checkpoint will have.
     fn memory_usage(&self, id: &str) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
-    /// Creates (does not start) a container from a spec taken on another node.
+    /// The engine's networks.
+    fn networks(
+        &self,
+    ) -> impl Future<Output = Result<Vec<networks::NetworkDef>, RuntimeError>> + Send;
+    /// Creates a network like `def`, with its IPAM pools or (`keep_pools`
+    /// false) with a subnet of the engine's choice.
+    fn create_network(
+        &self,
+        def: &networks::NetworkDef,
+        keep_pools: bool,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Connects a created container to one more network.
+    fn connect(
+        &self,
+        id: &str,
+        network: &str,
+        endpoint: &networks::Endpoint,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Creates (does not start) a container from a spec taken on another
+    /// node; [`networks::create_placed`] first makes its networks.
     fn create(
         &self,
         spec: &ContainerSpec,

@@ -12,6 +12,8 @@
 //! checkpoint. Once the target confirms (the point of no return, settled
 //! against a cancel by the job's `CommitGate`), the job can only go forward.
 
+use std::collections::BTreeMap;
+
 use super::{Outcome, Report};
 use crate::migration::MigrationError;
 use crate::mqtt::contract::{JobState, JobStatus, Phase};
@@ -63,6 +65,11 @@ impl SourceMachine {
     /// What to publish now.
     pub fn status(&self) -> &JobStatus {
         &self.report.status
+    }
+
+    /// The container's addresses on the source, once inspected.
+    pub fn old_addresses(&mut self, addresses: BTreeMap<String, String>) {
+        self.report.status.old_addresses = addresses;
     }
 
     /// Transfer counters, as the stream reports them.

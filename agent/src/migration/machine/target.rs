@@ -14,6 +14,8 @@
 //! `Commit` removes what was created: the source then still holds (or
 //! restores) the original.
 
+use std::collections::BTreeMap;
+
 use super::{Outcome, Report};
 use crate::migration::MigrationError;
 use crate::mqtt::contract::{JobState, JobStatus, Phase};
@@ -77,6 +79,16 @@ impl TargetMachine {
         self.failure
             .as_ref()
             .map_or_else(String::new, ToString::to_string)
+    }
+
+    /// The container's addresses on the source, as its spec tells them.
+    pub fn old_addresses(&mut self, addresses: BTreeMap<String, String>) {
+        self.report.status.old_addresses = addresses;
+    }
+
+    /// The restored container's addresses here.
+    pub fn new_addresses(&mut self, addresses: BTreeMap<String, String>) {
+        self.report.status.new_addresses = addresses;
     }
 
     pub fn received(&mut self, bytes_raw: u64, bytes_wire: u64) {

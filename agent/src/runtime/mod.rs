@@ -3,14 +3,14 @@
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
 mod docker;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod images;
 pub mod mounts;
 pub mod policy;
 pub mod rootfs;
 pub mod state;
 pub mod volumes;
-#[cfg(test)]
-pub(crate) mod fake;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -65,6 +65,7 @@ fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &
             image: COUNTER_IMAGE.to_string(),
             create_body: json!({"Image": COUNTER_IMAGE, "HostConfig": {"NetworkMode": "none"}}),
         },
+        state: None,
         estimate_bytes: MIB,
         arch: target_status["arch"].as_str().unwrap_or("").to_string(),
         page_size: target_status["page_size"].as_u64().unwrap_or(0),

@@ -340,6 +340,7 @@ impl Agent {
                     target,
                     rate_limit,
                     zstd_level: options.zstd_level,
+                    bind_mounts: options.bind_mounts,
                 };
                 self.spawn_migration(job);
             }

@@ -176,6 +176,10 @@ pub struct MigrateArgs {
     pub rate_limit: Option<String>,
     #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
+    /// `present`: the container's bind mounts exist on the target as on
+    /// the source (default `refuse`: a container with bind mounts stays).
+    #[arg(long, value_parser = ["refuse", "present"])]
+    pub bind_mounts: Option<String>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
@@ -212,6 +216,9 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
     let mut options = serde_json::json!({ "zstd_level": args.zstd_level });
     if let Some(rate) = &args.rate_limit {
         options["rate_limit"] = serde_json::Value::String(rate.clone());
+    }
+    if let Some(b) = &args.bind_mounts {
+        options["bind_mounts"] = serde_json::Value::String(b.clone());
     }
     let job = serde_json::json!({
         "action": "migrate",

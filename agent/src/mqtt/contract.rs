@@ -12,6 +12,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
+pub use crate::runtime::mounts::BindMounts;
+
 /// Default first levels of every topic.
 pub const DEFAULT_TOPIC_ROOT: &str = "ferry/v1";
 /// Longest node id, job id or container name.
@@ -60,6 +62,8 @@ pub enum ContractError {
     ZstdLevel(String),
     #[error("rate_limit {0}")]
     RateLimit(String),
+    #[error("bind_mounts {0} is neither \"refuse\" nor \"present\"")]
+    BindMounts(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
 }
@@ -277,6 +281,14 @@ pub struct MigrateOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateSpec>,
     pub zstd_level: i32,
+    /// `"refuse"` (the default) or `"present"`: the container's bind
+    /// mounts exist on the target as they are on the source.
+    #[serde(skip_serializing_if = "is_refuse")]
+    pub bind_mounts: BindMounts,
+}
+
+fn is_refuse(b: &BindMounts) -> bool {
+    *b == BindMounts::Refuse
 }
 
 impl Default for MigrateOptions {
@@ -284,6 +296,7 @@ impl Default for MigrateOptions {
         MigrateOptions {
             rate_limit: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            bind_mounts: BindMounts::Refuse,
         }
     }
 }
@@ -374,7 +387,11 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
             })
         }
     };
-    deny_unknown(obj, "options.", &["rate_limit", "zstd_level"])?;
+    deny_unknown(
+        obj,
+        "options.",
+        &["rate_limit", "zstd_level", "bind_mounts"],
+    )?;
 
     let rate_limit = match obj.get("rate_limit") {
         None | Some(Value::Null) => None,
@@ -412,9 +429,27 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
         }
     };
 
+    let bind_mounts = match obj.get("bind_mounts") {
+        None | Some(Value::Null) => BindMounts::Refuse,
+        Some(Value::String(s)) if s == "refuse" => BindMounts::Refuse,
+        Some(Value::String(s)) if s == "present" => BindMounts::Present,
+        Some(Value::String(s)) => {
+            return Err(ContractError::BindMounts(quoted(
+                &s.chars().take(MAX_RATE_TEXT).collect::<String>(),
+            )))
+        }
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "options.bind_mounts",
+                expected: "the string \"refuse\" or \"present\"",
+            })
+        }
+    };
+
     Ok(MigrateOptions {
         rate_limit,
         zstd_level,
+        bind_mounts,
     })
 }
 
@@ -605,6 +640,14 @@ pub struct JobStatus {
     pub bytes_wire: u64,
     #[serde(default)]
     pub rate_bps: u64,
+    /// Image bytes sent on the wire before the checkpoint (0 when the
+    /// target had the image).
+    #[serde(default)]
+    pub bytes_image: u64,
+    /// Tar bytes of the container's files and volumes inside the
+    /// checkpoint (counted in `bytes_raw` too).
+    #[serde(default)]
+    pub bytes_state: u64,
     #[serde(default)]
     pub timings_ms: BTreeMap<Phase, u64>,
     #[serde(default)]
@@ -635,6 +678,8 @@ impl JobStatus {
             bytes_raw: 0,
             bytes_wire: 0,
             rate_bps: 0,
+            bytes_image: 0,
+            bytes_state: 0,
             timings_ms: BTreeMap::new(),
             error: None,
             updated_ms,
@@ -687,7 +732,7 @@ mod tests {
     fn migrate_with_all_options() {
         let j = job(
             r#"{"action":"migrate","container":"counter","target":"node-b",
-                      "options":{"rate_limit":"10MiB/s","zstd_level":5}}"#,
+                      "options":{"rate_limit":"10MiB/s","zstd_level":5,"bind_mounts":"present"}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -697,7 +742,8 @@ mod tests {
                 target: "node-b".into(),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("10MiB/s".into())),
-                    zstd_level: 5
+                    zstd_level: 5,
+                    bind_mounts: BindMounts::Present,
                 }
             }
         );
@@ -721,6 +767,38 @@ mod tests {
         };
         assert_eq!(options.rate_limit, Some(RateSpec::Bytes(20 * 1024 * 1024)));
         assert_eq!(options.zstd_level, 3);
+        assert_eq!(options.bind_mounts, BindMounts::Refuse);
+    }
+
+    #[test]
+    fn bind_mounts_is_refuse_or_present() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"action":"migrate","container":"c","target":"b","options":{{"bind_mounts":{v}}}}}"#
+            )
+        };
+        for (v, want) in [
+            ("\"refuse\"", BindMounts::Refuse),
+            ("\"present\"", BindMounts::Present),
+            ("null", BindMounts::Refuse),
+        ] {
+            let Ok(JobRequest::Migrate { options, .. }) = job(&with(v)) else {
+                panic!("{v} refused")
+            };
+            assert_eq!(options.bind_mounts, want, "{v}");
+        }
+        assert_eq!(
+            reason(&with("\"Present\"")),
+            r#"bind_mounts "Present" is neither "refuse" nor "present""#
+        );
+        assert_eq!(
+            reason(&with("true")),
+            r#"invalid field "options.bind_mounts": expected the string "refuse" or "present""#
+        );
+        // Only a non-default value is written, so older agents still parse
+        // the jobs a new CLI sends without the option.
+        let default = serde_json::to_value(MigrateOptions::default()).unwrap();
+        assert_eq!(default.get("bind_mounts"), None);
     }
 
     #[test]
@@ -751,6 +829,7 @@ mod tests {
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("20MiB/s".into())),
                     zstd_level: 7,
+                    bind_mounts: BindMounts::Refuse,
                 },
             },
             JobRequest::Migrate {
@@ -759,6 +838,7 @@ mod tests {
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Bytes(1000)),
                     zstd_level: 1,
+                    bind_mounts: BindMounts::Present,
                 },
             },
             JobRequest::Migrate {

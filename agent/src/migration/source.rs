@@ -233,7 +233,7 @@ impl<E: Engine> Driver<'_, E> {
         // inspected before anything changes its restart policy.
         let plan = node
             .engine
-            .survey(&container.id, job.bind_mounts)
+            .survey(&container.name, job.bind_mounts)
             .await
             .map_err(|e| MigrationError::Survey(Box::new(e)))?;
         let memory = node.engine.memory_usage(&container.id).await.unwrap_or(0);

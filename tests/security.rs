@@ -66,6 +66,7 @@ fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &
             create_body: json!({"Image": COUNTER_IMAGE, "HostConfig": {"NetworkMode": "none"}}),
             networks: Vec::new(),
         },
+        state: None,
         estimate_bytes: MIB,
         arch: target_status["arch"].as_str().unwrap_or("").to_string(),
         page_size: target_status["page_size"].as_u64().unwrap_or(0),

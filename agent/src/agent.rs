@@ -380,6 +380,7 @@ impl Agent {
                     rate_limit,
                     zstd_level: options.zstd_level,
                     tcp: options.tcp,
+                    bind_mounts: options.bind_mounts,
                 };
                 self.spawn_migration(job);
             }
@@ -659,6 +660,7 @@ mod tests {
             rate_limit: None,
             zstd_level: 3,
             tcp: Default::default(),
+            bind_mounts: Default::default(),
         }
     }
 

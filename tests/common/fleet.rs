@@ -391,6 +391,21 @@ impl<B: Broker> Fleet<B> {
         self.node(n).run_with(&name, options, image, args)
     }
 
+    /// Same, with more `docker run` options before the image, on no
+    /// network (see [`Node::run_opts`]).
+    pub fn run_opts(
+        &self,
+        n: usize,
+        prefix: &str,
+        image: &str,
+        opts: &[&str],
+        args: &[&str],
+    ) -> Container {
+        let name = unique_name(prefix);
+        self.track(&name);
+        self.node(n).run_opts(&name, image, opts, args)
+    }
+
     /// Starts `counter` on node `n` and waits until it has printed a few
     /// values.
     pub fn start_counter(&self, n: usize) -> Container {

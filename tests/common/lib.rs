@@ -403,6 +403,35 @@ impl Node {
         RemoveOnDrop(path)
     }
 
+    /// Starts a container with more `docker run` options (`opts`, before
+    /// the image) and returns a guard that removes it when dropped.
+    pub fn run_opts(&self, name: &str, image: &str, opts: &[&str], args: &[&str]) -> Container {
+        self.try_run_opts(name, image, opts, args)
+            .unwrap_or_else(|e| panic!("{}: docker run {opts:?} {image}: {e}", self.name))
+    }
+
+    /// Same, but a container the daemon refuses to start is the daemon's
+    /// message instead of a panic.
+    pub fn try_run_opts(
+        &self,
+        name: &str,
+        image: &str,
+        opts: &[&str],
+        args: &[&str],
+    ) -> Result<Container, String> {
+        let mut argv = vec!["run", "-d", "--network", "none", "--name", name];
+        argv.extend_from_slice(opts);
+        argv.push(image);
+        argv.extend_from_slice(args);
+        let out = self.docker(&argv);
+        if !out.status.success() {
+            // A container created but not started is removed as well.
+            let _ = self.remove(name);
+            return Err(out.stderr.trim().to_string());
+        }
+        Ok(Container::new(self, name, out.stdout.trim().to_string()))
+    }
+
     /// Creates a container without starting it (`--network none`, always).
     pub fn create(&self, name: &str, image: &str, args: &[&str]) -> Container {
         let mut argv = vec!["create", "--network", "none", "--name", name, image];

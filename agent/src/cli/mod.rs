@@ -180,6 +180,10 @@ pub struct MigrateArgs {
     /// Established TCP connections: close (peers reconnect), established (kept) or refuse.
     #[arg(long, value_parser = parse_tcp)]
     pub tcp: Option<crate::runtime::TcpMode>,
+    /// `present`: the container's bind mounts exist on the target as on
+    /// the source (default `refuse`: a container with bind mounts stays).
+    #[arg(long, value_parser = ["refuse", "present"])]
+    pub bind_mounts: Option<String>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
@@ -224,6 +228,9 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
     }
     if let Some(rate) = &args.rate_limit {
         options["rate_limit"] = serde_json::Value::String(rate.clone());
+    }
+    if let Some(b) = &args.bind_mounts {
+        options["bind_mounts"] = serde_json::Value::String(b.clone());
     }
     let job = serde_json::json!({
         "action": "migrate",

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use super::check::CheckError;
 use super::protocol::ProtocolError;
 use super::registry::RegisterError;
+use crate::runtime::state::StateError;
 use crate::runtime::RuntimeError;
 use crate::stream::StreamError;
 
@@ -58,6 +59,18 @@ pub enum MigrationError {
     Refused { target: String, reason: String },
     #[error("target {target} answered {answer} to prepare")]
     UnexpectedPrepareAnswer { target: String, answer: String },
+    /// The mounts cannot move, or what moves could not be surveyed.
+    #[error("precheck: {0}")]
+    Survey(Box<StateError>),
+    #[error("image for {target}: {source}")]
+    ExportImage {
+        target: String,
+        source: Box<StateError>,
+    },
+    #[error("image to {target}: {source}")]
+    SendImage { target: String, source: StreamError },
+    #[error("restart policy: cannot set it to no before the checkpoint: {0}")]
+    PausePolicy(Box<StateError>),
 
     // --- source: the container is (or may be) stopped
     #[error("checkpoint: {0}")]
@@ -82,10 +95,17 @@ pub enum MigrationError {
     Canceled,
     #[error("rollback: {0}")]
     RollbackInspect(RuntimeError),
+    #[error("checkpoint: packing files and volumes: {0}")]
+    PackState(Box<StateError>),
     #[error("rollback: restoring the original on {node} failed: {source}")]
     Rollback {
         node: String,
         source: Box<RuntimeError>,
+    },
+    #[error("rollback: the original runs again on {node}, but its restart policy could not be put back: {source}")]
+    ResumePolicy {
+        node: String,
+        source: Box<StateError>,
     },
 
     // --- source: past the point of no return
@@ -97,6 +117,10 @@ pub enum MigrationError {
         "cleanup: the workload runs on the target, but the original could not be removed: {0}"
     )]
     RemoveOriginal(RuntimeError),
+    #[error(
+        "cleanup: the workload runs on the target, but the source's volumes could not be removed: {0}"
+    )]
+    RemoveVolumes(Box<StateError>),
 
     // --- target
     #[error("bad prepare: {0}")]
@@ -109,8 +133,30 @@ pub enum MigrationError {
         node: String,
         source: Box<RuntimeError>,
     },
+    #[error("image {image}: {source}")]
+    ImageCheck {
+        image: String,
+        source: Box<StateError>,
+    },
+    #[error("image request: {0}")]
+    ImageRequest(ProtocolError),
+    #[error("receiving the image: {0}")]
+    ReceiveImage(StreamError),
+    #[error("image {image}: {source}")]
+    PlaceImage {
+        image: String,
+        source: Box<StateError>,
+    },
+    #[error("cannot create the volumes of {name} on {node}: {source}")]
+    CreateVolumes {
+        name: String,
+        node: String,
+        source: Box<StateError>,
+    },
     #[error("prepare reply: {0}")]
     PrepareReply(ProtocolError),
+    #[error("restore: applying files and volumes: {0}")]
+    ApplyState(Box<StateError>),
     #[error("receive: {0}")]
     Receive(StreamError),
     #[error("restore: {0}")]

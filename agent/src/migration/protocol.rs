@@ -3,20 +3,29 @@
 //!
 //! ```text
 //! source                                 target
-//!   Prepare{job, spec, estimate}  ->        precheck, create the container
+//!   Prepare{job, spec, state, estimate} ->  precheck; has the image?
+//!                                 <-      SendImage{have}      (only if not)
+//!   (the image stream)            ->      load it              (only if asked)
+//!                                         tag the image, create the volumes
+//!                                         and the container
 //!                                 <-      Prepared | Refused{reason}
-//!   (checkpoint, then the stream)  ->      verify, unpack
+//!   (checkpoint, then the stream)  ->      verify, unpack, apply files and
+//!                                         volumes
 //!                                 <-      Restored | Failed{reason}
 //!   Commit                        ->      keep the container
 //!                                 <-      Committed
 //! ```
 //! If the connection ends before `Commit`, the target removes what it
-//! created: the source then still holds (or restores) the original.
+//! created (container, volumes): the source then still holds (or restores)
+//! the original. The image stream is a second `stream::wire` transfer on
+//! the same connection, so it has the checkpoint's rate limit and TLS; it
+//! runs while the container still runs.
 //! Messages are JSON, each behind a u32 big-endian length.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::runtime::state::StatePlan;
 use crate::runtime::ContainerSpec;
 use crate::stream::{wire, StreamError};
 
@@ -40,7 +49,12 @@ pub struct Prepare {
     pub target_node: String,
     pub checkpoint: String,
     pub spec: ContainerSpec,
-    /// Expected size of the checkpoint images (the container's memory).
+    /// The container's image, volumes and restart policy. `None` from a
+    /// source that moves memory only: the target must have the image.
+    #[serde(default)]
+    pub state: Option<StatePlan>,
+    /// Expected size of the checkpoint images (the container's memory,
+    /// plus its files and volumes).
     pub estimate_bytes: u64,
     /// The source engine's view, checked again by the target.
     pub arch: String,
@@ -50,10 +64,21 @@ pub struct Prepare {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToSource {
-    Prepared { container_id: String },
-    Refused { reason: String },
+    /// The target lacks the image: send it without the layers whose chain
+    /// ids are in `have`.
+    SendImage {
+        have: Vec<String>,
+    },
+    Prepared {
+        container_id: String,
+    },
+    Refused {
+        reason: String,
+    },
     Restored,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     Committed,
 }
 

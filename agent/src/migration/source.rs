@@ -2,9 +2,11 @@
 //! step the [`SourceMachine`] asks for, feeds back the outcome and publishes
 //! the job's status. Cancels reach it through the job's [`CommitGate`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bollard::models::RestartPolicy;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -14,7 +16,11 @@ use super::machine::{Outcome, SourceMachine, Step};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
 use crate::mqtt::contract::{JobStatus, Role};
-use crate::runtime::{networks, sockets, CheckpointOptions, Container, Engine, TcpDump, TcpMode};
+use crate::runtime::mounts::BindMounts;
+use crate::runtime::state::{self, StatePlan};
+use crate::runtime::{
+    networks, sockets, volumes, CheckpointOptions, Container, Engine, TcpDump, TcpMode,
+};
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
 /// A migrate job as accepted from MQTT.
@@ -27,7 +33,12 @@ pub struct MigrateJob {
     pub zstd_level: i32,
     /// What happens to the container's established TCP connections.
     pub tcp: TcpMode,
+    /// Whether the container's bind mounts exist on the target as here.
+    pub bind_mounts: BindMounts,
 }
+
+/// The file an exported image travels as, in its own folder.
+pub const IMAGE_TAR: &str = "image.tar";
 
 /// What a migrate job must pass before it is accepted, and again in the
 /// precheck: `container` (the job's `asked` name or id, as found here) runs,
@@ -84,6 +95,10 @@ pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard
         container: None,
         conn: None,
         estimate: 0,
+        plan: None,
+        image_wanted: None,
+        prepared: false,
+        paused_policy: None,
     };
     loop {
         node.publish_job(machine.status()).await;
@@ -110,6 +125,14 @@ struct Driver<'a, E> {
     container: Option<Container>,
     conn: Option<Box<dyn Conn>>,
     estimate: u64,
+    /// What moves besides memory, from the precheck.
+    plan: Option<StatePlan>,
+    /// The target lacks the image and has these layer chains.
+    image_wanted: Option<HashSet<String>>,
+    /// The target answered `Prepared`.
+    prepared: bool,
+    /// The policy `PausePolicy` replaced with `no`.
+    paused_policy: Option<RestartPolicy>,
 }
 
 impl<E: Engine> Driver<'_, E> {
@@ -128,8 +151,16 @@ impl<E: Engine> Driver<'_, E> {
                 _ = gate.canceled() => return Outcome::Canceled,
                 r = self.prepare_target() => r,
             },
+            Step::SendImage => tokio::select! {
+                biased;
+                _ = gate.canceled() => return Outcome::Canceled,
+                r = self.send_image(machine) => r,
+            },
+            // Not interruptible: a cancel is honoured once it returns.
+            Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
             Step::Checkpoint => self.checkpoint(machine).await,
+            Step::PackState => self.pack_state(machine).await,
             Step::Transfer => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,
@@ -154,13 +185,20 @@ impl<E: Engine> Driver<'_, E> {
                 Ok(())
             }
             Step::RollBack => self.roll_back().await,
+            Step::ResumePolicy => self.resume_policy().await,
             Step::Finish => Ok(()),
         };
         // A cancel that arrived while a step before the commit ran is
         // honoured as soon as the step returns.
         let cancelable = matches!(
             step,
-            Step::Precheck | Step::PrepareTarget | Step::Checkpoint | Step::Transfer
+            Step::Precheck
+                | Step::PrepareTarget
+                | Step::SendImage
+                | Step::PausePolicy
+                | Step::Checkpoint
+                | Step::PackState
+                | Step::Transfer
         );
         match result {
             Ok(()) if cancelable && gate.is_canceled() => Outcome::Canceled,
@@ -181,8 +219,31 @@ impl<E: Engine> Driver<'_, E> {
             .ok_or(MigrationError::Missing("no connection to the target"))
     }
 
+    fn plan(&self) -> Result<&StatePlan, MigrationError> {
+        self.plan
+            .as_ref()
+            .ok_or(MigrationError::Missing("no state surveyed"))
+    }
+
     fn target(&self) -> String {
         self.job.target.clone()
+    }
+
+    fn send_options(&self) -> SendOptions {
+        SendOptions {
+            zstd_level: self.job.zstd_level,
+            rate_limit: self.job.rate_limit,
+        }
+    }
+
+    fn header(&self, checkpoint: String) -> TransferHeader {
+        TransferHeader {
+            job_id: self.job.job_id.clone(),
+            source_node: self.node.id.clone(),
+            target_node: self.job.target.clone(),
+            container: self.job.container.clone(),
+            checkpoint,
+        }
     }
 
     async fn precheck(&mut self) -> Result<(), MigrationError> {
@@ -200,13 +261,30 @@ impl<E: Engine> Driver<'_, E> {
         .await
         .map_err(MigrationError::Precheck)?;
         tcp_plan(node, job, &container.id).await?;
-        let estimate = node.engine.memory_usage(&container.id).await.unwrap_or(0);
+        // The mounts decide whether it can move at all; the spec was
+        // inspected before anything changes its restart policy.
+        let plan = node
+            .engine
+            .survey(&container.name, job.bind_mounts)
+            .await
+            .map_err(|e| MigrationError::Survey(Box::new(e)))?;
+        let memory = node.engine.memory_usage(&container.id).await.unwrap_or(0);
+        let files = node
+            .engine
+            .estimate_state_bytes(&container.id, &plan)
+            .await
+            .map_err(|e| MigrationError::Survey(Box::new(e)))?;
+        let estimate = memory.saturating_add(files);
         let root = &node.engine_info.root_dir;
         let free = crate::sysinfo::free_disk(root).unwrap_or(u64::MAX);
         check::room(&node.id, "engine root", root, free, estimate)
             .map_err(MigrationError::Precheck)?;
+        let mut container = container;
+        // The target creates each anonymous volume under its name here.
+        volumes::name_anonymous_volumes(&mut container.spec.create_body, &plan.volumes);
         self.estimate = estimate;
         self.container = Some(container);
+        self.plan = Some(plan);
         Ok(())
     }
 
@@ -225,6 +303,7 @@ impl<E: Engine> Driver<'_, E> {
             target_node: job.target.clone(),
             checkpoint: checkpoint_name(&job.job_id),
             spec: self.container()?.spec.clone(),
+            state: Some(self.plan()?.clone()),
             estimate_bytes: self.estimate,
             arch: node.engine_info.arch.clone(),
             page_size: node.page_size,
@@ -244,10 +323,22 @@ impl<E: Engine> Driver<'_, E> {
             target: self.target(),
         })?
         .map_err(failed)?;
+        if let ToSource::SendImage { have } = reply {
+            info!(job = %job.job_id, target = %job.target, layers_there = have.len(), "target lacks the image");
+            self.image_wanted = Some(have.into_iter().collect());
+            self.conn = Some(conn);
+            return Ok(());
+        }
+        self.conn = Some(conn);
+        self.prepared(reply)
+    }
+
+    /// The target's answer once it created the container.
+    fn prepared(&mut self, reply: ToSource) -> Result<(), MigrationError> {
         match reply {
             ToSource::Prepared { container_id } => {
-                info!(job = %job.job_id, target = %job.target, %container_id, "target prepared");
-                self.conn = Some(conn);
+                info!(job = %self.job.job_id, target = %self.job.target, %container_id, "target prepared");
+                self.prepared = true;
                 Ok(())
             }
             ToSource::Refused { reason } => Err(MigrationError::Refused {
@@ -259,6 +350,139 @@ impl<E: Engine> Driver<'_, E> {
                 answer: format!("{other:?}"),
             }),
         }
+    }
+
+    /// Sends the layers the target lacks (if it asked), as a stream of its
+    /// own on the data connection, then waits for `Prepared`.
+    async fn send_image(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
+        let Some(have) = self.image_wanted.take() else {
+            return Ok(());
+        };
+        let (node, job) = (self.node, self.job);
+        let image = self.plan()?.image.clone();
+        let dir = node
+            .work_dir
+            .join("staging")
+            .join(format!("{}@image", job.job_id));
+        let sent = self.export_and_send(&image, &have, &dir).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            warn!(job = %job.job_id, error = %e, "cannot remove the exported image");
+        }
+        let bytes_wire = sent?;
+        machine.image_sent(bytes_wire);
+        let failed = |source| MigrationError::Prepare {
+            target: job.target.clone(),
+            source,
+        };
+        let conn = self.conn()?;
+        let reply =
+            tokio::time::timeout(node.timeouts.prepare, protocol::recv::<_, ToSource>(conn))
+                .await
+                .map_err(|_| MigrationError::PrepareTimeout {
+                    target: job.target.clone(),
+                })?
+                .map_err(failed)?;
+        self.prepared(reply)
+    }
+
+    /// Returns the image's bytes on the wire.
+    async fn export_and_send(
+        &mut self,
+        image: &crate::runtime::images::ImageRef,
+        have: &HashSet<String>,
+        dir: &std::path::Path,
+    ) -> Result<u64, MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let export_failed = |source| MigrationError::ExportImage {
+            target: job.target.clone(),
+            source: Box::new(source),
+        };
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| export_failed(state::StateError::io(dir, "creating", e)))?;
+        let export = node
+            .engine
+            .export_image(image, have, &dir.join(IMAGE_TAR))
+            .await
+            .map_err(export_failed)?;
+        let header = self.header(format!("{}@image", checkpoint_name(&job.job_id)));
+        let options = self.send_options();
+        let conn = self.conn()?;
+        let report = wire::send_checkpoint(conn, &header, dir, &options, |_| {})
+            .await
+            .map_err(|source| MigrationError::SendImage {
+                target: job.target.clone(),
+                source,
+            })?;
+        info!(
+            job = %job.job_id,
+            image = %image.id,
+            tar_bytes = export.tar_bytes,
+            layers_sent = export.layers_sent,
+            layers_left_out = export.layers_left_out,
+            bytes_wire = report.bytes_wire,
+            "image sent"
+        );
+        Ok(report.bytes_wire)
+    }
+
+    async fn pause_policy(&mut self) -> Result<(), MigrationError> {
+        if !self.prepared {
+            return Err(MigrationError::Missing(
+                "the target never answered Prepared",
+            ));
+        }
+        let id = &self.container()?.id;
+        let before = self
+            .node
+            .engine
+            .pause_restart_policy(id)
+            .await
+            .map_err(|e| MigrationError::PausePolicy(Box::new(e)))?;
+        self.paused_policy = Some(before);
+        Ok(())
+    }
+
+    async fn resume_policy(&mut self) -> Result<(), MigrationError> {
+        let policy = match &self.paused_policy {
+            Some(p) => p.clone(),
+            None => self.plan()?.restart_policy.clone(),
+        };
+        let id = &self.container()?.id;
+        self.node
+            .engine
+            .set_restart_policy(id, &policy)
+            .await
+            .map_err(|source| MigrationError::ResumePolicy {
+                node: self.node.id.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Files and volumes go into the checkpoint folder, and travel with it.
+    async fn pack_state(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let id = &self.container()?.id;
+        let dir = node
+            .engine
+            .checkpoint_dir(id, &checkpoint_name(&job.job_id))
+            .await
+            .map_err(MigrationError::CheckpointDir)?;
+        let report = node
+            .engine
+            .pack_state(id, self.plan()?, &dir)
+            .await
+            .map_err(|e| MigrationError::PackState(Box::new(e)))?;
+        machine.state_packed(report.bytes());
+        info!(
+            job = %job.job_id,
+            bytes = report.bytes(),
+            files = report.rootfs.files,
+            volumes = report.volumes.len(),
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "files and volumes packed"
+        );
+        Ok(())
     }
 
     async fn checkpoint(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
@@ -293,17 +517,8 @@ impl<E: Engine> Driver<'_, E> {
             .checkpoint_dir(&self.container()?.id, &checkpoint_name(&job.job_id))
             .await
             .map_err(MigrationError::CheckpointDir)?;
-        let header = TransferHeader {
-            job_id: job.job_id.clone(),
-            source_node: node.id.clone(),
-            target_node: job.target.clone(),
-            container: job.container.clone(),
-            checkpoint: checkpoint_name(&job.job_id),
-        };
-        let options = SendOptions {
-            zstd_level: job.zstd_level,
-            rate_limit: job.rate_limit,
-        };
+        let header = self.header(checkpoint_name(&job.job_id));
+        let options = self.send_options();
         let (tx, mut rx) = watch::channel(Progress {
             bytes_raw: 0,
             bytes_wire: 0,
@@ -378,11 +593,25 @@ impl<E: Engine> Driver<'_, E> {
         }
         self.conn = None;
         // Removing the stopped original also removes its checkpoint folder.
-        self.node
-            .engine
+        let node = self.node;
+        node.engine
             .remove(&self.container()?.id)
             .await
-            .map_err(MigrationError::RemoveOriginal)
+            .map_err(MigrationError::RemoveOriginal)?;
+        // Only now, and only those no other container mounts.
+        let volumes = &self.plan()?.volumes;
+        let removed = node
+            .engine
+            .remove_unused_volumes(volumes)
+            .await
+            .map_err(|e| MigrationError::RemoveVolumes(Box::new(e)))?;
+        let kept: Vec<&str> = volumes
+            .iter()
+            .map(|v| v.name.as_str())
+            .filter(|v| !removed.iter().any(|r| r == v))
+            .collect();
+        info!(job = %self.job.job_id, ?removed, ?kept, "source volumes after the commit");
+        Ok(())
     }
 
     async fn roll_back(&mut self) -> Result<(), MigrationError> {
@@ -397,6 +626,16 @@ impl<E: Engine> Driver<'_, E> {
             .map_err(MigrationError::RollbackInspect)?;
         let name = checkpoint_name(&self.job.job_id);
         if !current.running {
+            // The packed files and volumes need not reach the engine's copy
+            // of the images; the originals never left. Best effort: CRIU
+            // ignores a folder it does not know.
+            let discarded = match node.engine.checkpoint_dir(id, &name).await {
+                Ok(dir) => state::discard_state(&dir).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = discarded {
+                warn!(job = %self.job.job_id, %error, "rolling back with the packed state left in the checkpoint");
+            }
             node.engine
                 .restore(id, &name)
                 .await

@@ -3,6 +3,7 @@
 //! restore, keep only once the source commits) and publishes the job's
 //! status under this node's own topics.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
 use super::{now_ms, MigrationError, Node};
 use crate::mqtt::contract::{JobStatus, Role};
 use crate::runtime::networks::{self, Placement};
+use crate::runtime::state::{StatePlan, STATE_DIR};
 use crate::runtime::Engine;
 use crate::stream::archive::UnpackLimits;
 use crate::stream::wire;
@@ -85,6 +87,8 @@ where
         prepare,
         staging: node.work_dir.join("staging").join(&prepare.job_id),
         container_id: None,
+        image_wanted: None,
+        volumes: Vec::new(),
     };
     loop {
         let step = machine.step();
@@ -112,11 +116,15 @@ struct Driver<'a, E, S> {
     conn: &'a mut S,
     prepare: &'a Prepare,
     staging: PathBuf,
-    /// Set once the precheck created the container.
+    /// Set once `Create` created the container.
     container_id: Option<String>,
+    /// The image is missing here; these are its layer chains that are not.
+    image_wanted: Option<HashSet<String>>,
+    /// Volumes created for the job.
+    volumes: Vec<String>,
 }
 
-impl<E, S> Driver<'_, E, S>
+impl<'a, E, S> Driver<'a, E, S>
 where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -125,9 +133,12 @@ where
         let result = match step {
             TargetStep::Precheck => {
                 machine.old_addresses(networks::addresses(&self.prepare.spec.networks));
-                self.precheck_and_create().await
+                self.precheck().await
             }
+            TargetStep::FetchImage => self.fetch_image(machine).await,
+            TargetStep::Create => self.create().await,
             TargetStep::Receive => self.receive(machine).await,
+            TargetStep::ApplyState => self.apply_state(machine).await,
             TargetStep::Restore => self.restore(machine).await,
             TargetStep::AwaitCommit => self.await_commit().await,
             TargetStep::Keep => self.keep().await,
@@ -160,25 +171,107 @@ where
         Ok(())
     }
 
+    fn plan(&self) -> Option<&'a StatePlan> {
+        self.prepare.state.as_ref()
+    }
+
     /// Anything missing here is a refusal while the source still runs.
-    async fn precheck_and_create(&mut self) -> Result<(), MigrationError> {
+    async fn precheck(&mut self) -> Result<(), MigrationError> {
         let (node, p) = (self.node, self.prepare);
         let spec = &p.spec;
         check::compatible(&Facts::of_prepare(p), &node.facts())?;
-        check::image_present(
-            &spec.image,
-            &node.id,
-            node.engine.image_exists(&spec.image).await,
-        )?;
         check::name_free(&spec.name, &node.id, node.engine.inspect(&spec.name).await)?;
+        let mut image_bytes = 0;
+        match self.plan() {
+            Some(plan) => {
+                self.image_wanted =
+                    node.engine
+                        .missing_image(&plan.image)
+                        .await
+                        .map_err(|source| MigrationError::ImageCheck {
+                            image: plan.image.reference.clone(),
+                            source: Box::new(source),
+                        })?;
+                if self.image_wanted.is_some() {
+                    image_bytes = plan.image.size;
+                }
+            }
+            // A source that moves memory only: the image must be here.
+            None => check::image_present(
+                &spec.image,
+                &node.id,
+                node.engine.image_exists(&spec.image).await,
+            )?,
+        }
         // Staging, reserved against the other incoming jobs, plus the
-        // engine's own copy of the images.
+        // engine's own copy of the images; an image that travels lands in
+        // staging, then in the engine. The reservation lasts as long as the
+        // job.
+        let need = p.estimate_bytes.saturating_add(image_bytes);
         let free = crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX);
         node.jobs
-            .reserve_staging(&p.job_id, p.estimate_bytes, free, &node.work_dir)?;
+            .reserve_staging(&p.job_id, need, free, &node.work_dir)?;
         let root = &node.engine_info.root_dir;
         let free = crate::sysinfo::free_disk(root).unwrap_or(u64::MAX);
-        check::room(&node.id, "engine root", root, free, p.estimate_bytes)?;
+        check::room(&node.id, "engine root", root, free, need)?;
+        Ok(())
+    }
+
+    /// Asks for the layers missing here and loads them (if the image is
+    /// missing), then points the container's image reference at its id.
+    async fn fetch_image(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+        let (node, p) = (self.node, self.prepare);
+        let Some(plan) = self.plan() else {
+            return Ok(());
+        };
+        let place_failed = |source| MigrationError::PlaceImage {
+            image: plan.image.reference.clone(),
+            source: Box::new(source),
+        };
+        if let Some(have) = self.image_wanted.take() {
+            let mut have: Vec<String> = have.into_iter().collect();
+            have.sort();
+            protocol::send(self.conn, &ToSource::SendImage { have })
+                .await
+                .map_err(MigrationError::ImageRequest)?;
+            let limits = UnpackLimits::for_checkpoint(
+                plan.image.size,
+                crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX),
+            );
+            let report = wire::receive_checkpoint(&mut *self.conn, &self.staging, &limits, |h| {
+                check::stream_matches(h, &p.job_id, &p.source_node).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(MigrationError::ReceiveImage)?;
+            machine.image_received(report.bytes_wire);
+            let tar = self.staging.join(super::source::IMAGE_TAR);
+            let loaded = node.engine.load_image(&plan.image, &tar).await;
+            // The checkpoint arrives in the same staging folder.
+            self.clear_staging().await;
+            loaded.map_err(place_failed)?;
+            info!(job = %p.job_id, image = %plan.image.id, bytes_wire = report.bytes_wire, "image loaded");
+        }
+        node.engine
+            .tag_image(&plan.image)
+            .await
+            .map_err(place_failed)
+    }
+
+    /// The volumes (under the source's names), then the container.
+    async fn create(&mut self) -> Result<(), MigrationError> {
+        let (node, p) = (self.node, self.prepare);
+        let spec = &p.spec;
+        if let Some(plan) = self.plan() {
+            self.volumes = node
+                .engine
+                .create_volumes(&plan.volumes)
+                .await
+                .map_err(|source| MigrationError::CreateVolumes {
+                    name: spec.name.clone(),
+                    node: node.id.clone(),
+                    source: Box::new(source),
+                })?;
+        }
         let source_addr = node.peers.get(&p.source_node).and_then(|s| s.data_addr);
         let place = Placement {
             source_ip: Placement::ip_of(source_addr.as_deref()),
@@ -218,6 +311,31 @@ where
         .await
         .map_err(MigrationError::Receive)?;
         machine.received(report.bytes_raw, report.bytes_wire);
+        Ok(())
+    }
+
+    /// Writes the files into the created container's layer and fills its
+    /// volumes, before anything starts; the state folder leaves staging.
+    async fn apply_state(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+        let Some(plan) = self.plan() else {
+            return Ok(());
+        };
+        let bytes = tree_bytes(&self.staging.join(STATE_DIR));
+        let report = self
+            .node
+            .engine
+            .apply_state(self.id()?, plan, &self.staging)
+            .await
+            .map_err(|e| MigrationError::ApplyState(Box::new(e)))?;
+        machine.state_applied(bytes);
+        info!(
+            job = %self.prepare.job_id,
+            bytes,
+            files = report.rootfs.files,
+            volumes = report.volumes.len(),
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "files and volumes applied"
+        );
         Ok(())
     }
 
@@ -292,10 +410,17 @@ where
         Ok(())
     }
 
+    /// Whatever `Create` made: the container, then its volumes.
     async fn remove(&mut self) -> Result<(), MigrationError> {
-        let id = self.id()?;
-        if let Err(e) = self.node.engine.remove(id).await {
-            warn!(container = %id, error = %e, "cannot remove the container created for a failed migration");
+        if let Some(id) = &self.container_id {
+            if let Err(e) = self.node.engine.remove(id).await {
+                warn!(container = %id, error = %e, "cannot remove the container created for a failed migration");
+            }
+        }
+        if !self.volumes.is_empty() {
+            if let Err(e) = self.node.engine.remove_volumes(&self.volumes).await {
+                warn!(volumes = ?self.volumes, error = %e, "cannot remove the volumes created for a failed migration");
+            }
         }
         Ok(())
     }
@@ -307,6 +432,21 @@ where
             }
         }
     }
+}
+
+/// Bytes of the files under `dir` (0 if it does not exist).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Rename when staging and the engine root share a filesystem, else copy.

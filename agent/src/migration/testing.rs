@@ -21,15 +21,29 @@ use super::{
     Timeouts,
 };
 use crate::mqtt::contract::{JobState, JobStatus, NodeStatus, Role};
-use crate::runtime::fake::FakeEngine;
+use crate::runtime::fake::{FakeEngine, LAYER_BYTES};
+use crate::runtime::policy::no_restart;
 use crate::runtime::sockets::{CriuTcpOptions, TcpConn};
 use crate::runtime::{CheckpointOptions, EngineInfo, TcpDump, TcpMode, TcpState};
 use crate::stream::archive::UnpackLimits;
 use crate::stream::testutil::TempDir;
 use crate::stream::wire::{self, SendOptions, TransferHeader};
+use bollard::models::{RestartPolicy, RestartPolicyNameEnum};
 
 const IMAGE: &str = "ferry/counter:1";
 const NAME: &str = "web";
+/// `web`'s named volume, and its anonymous one (named by the engine).
+const NAMED: &str = "web-data";
+const ANON: &str = "4f1c0ffee";
+/// What `web` wrote into its own filesystem after it started.
+const WRITTEN: (&str, &str) = ("/data/written", "after start");
+
+fn always() -> RestartPolicy {
+    RestartPolicy {
+        name: Some(RestartPolicyNameEnum::ALWAYS),
+        maximum_retry_count: Some(0),
+    }
+}
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Job statuses as a node would have published them.
@@ -160,7 +174,8 @@ enum Stop {
     CloseAfterCommit,
 }
 
-/// Node `a` runs container `web`; node `b` is its target.
+/// Node `a` runs container `web` (restart policy `always`, a named and an
+/// anonymous volume, a file written); node `b` is its target.
 struct Pair {
     a: Arc<Node<FakeEngine>>,
     b: Arc<Node<FakeEngine>>,
@@ -189,7 +204,16 @@ impl Pair {
             }),
         };
         let (a, a_statuses) = test_node("a", &dir, answer);
-        let id = a.engine.run(NAME, IMAGE);
+        let id = a.engine.run_with(
+            NAME,
+            IMAGE,
+            always(),
+            &[
+                (NAMED, false, "named contents"),
+                (ANON, true, "anon contents"),
+            ],
+        );
+        a.engine.write_file(NAME, WRITTEN.0, WRITTEN.1);
         a.peers.update("b", online("x86_64"));
         Pair {
             a,
@@ -220,6 +244,7 @@ impl Pair {
             rate_limit: None,
             zstd_level: 3,
             tcp,
+            bind_mounts: Default::default(),
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -231,6 +256,38 @@ impl Pair {
         );
         assert!(self.a.jobs.is_empty(), "the job is deregistered");
         status
+    }
+
+    fn a_image_id(&self) -> String {
+        self.a
+            .engine
+            .tagged(IMAGE)
+            .expect("the source has the image")
+    }
+
+    /// `web` on the source as it was before the job: running, its policy,
+    /// its file and volumes; never started afresh by the engine.
+    fn assert_source_whole(&self, what: &str) {
+        let e = &self.a.engine;
+        assert_eq!(e.running(NAME), Some(true), "{what}: not running");
+        assert_eq!(e.restarts(NAME), Some(0), "{what}: the engine restarted it");
+        assert_eq!(e.policy(NAME), Some(always()), "{what}: policy");
+        let files = e.files(NAME).unwrap_or_default();
+        assert_eq!(files.get(WRITTEN.0).map(String::as_str), Some(WRITTEN.1));
+        assert_eq!(e.volume(NAMED).as_deref(), Some("named contents"), "{what}");
+        assert_eq!(e.volume(ANON).as_deref(), Some("anon contents"), "{what}");
+    }
+
+    /// Nothing of the job left on the target: no container, no volume.
+    fn assert_target_empty(&self, what: &str) {
+        let e = &self.b.engine;
+        assert_eq!(
+            e.running(NAME),
+            None,
+            "{what}: container left on the target"
+        );
+        assert_eq!(e.volume(NAMED), None, "{what}: volume left on the target");
+        assert_eq!(e.volume(ANON), None, "{what}: volume left on the target");
     }
 
     /// Cancels `j1` on the source when the engine of `on` sees `call`.
@@ -374,7 +431,35 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
     assert_eq!(status.state, JobState::Succeeded, "{status:?}");
     assert!(status.bytes_raw > 600 * 1024, "{status:?}");
     assert!(status.bytes_wire > 0 && status.bytes_wire < status.bytes_raw);
+    assert!(status.bytes_state > 0, "{status:?}");
+    assert_eq!(status.bytes_image, 0, "the target had the image");
     assert_eq!(p.a.engine.running(NAME), None, "the original is removed");
+    // Files, volumes and the restart policy arrived; the source's volumes
+    // went after the commit.
+    let b = &p.b.engine;
+    let files = b.files(NAME).unwrap();
+    assert_eq!(files.get(WRITTEN.0).map(String::as_str), Some(WRITTEN.1));
+    assert_eq!(b.volume(NAMED).as_deref(), Some("named contents"));
+    assert_eq!(b.volume(ANON).as_deref(), Some("anon contents"));
+    let mut mounted = b.mounted(NAME);
+    mounted.sort();
+    assert_eq!(
+        mounted,
+        [ANON, NAMED],
+        "the anonymous volume is mounted by name"
+    );
+    assert_eq!(b.policy(NAME), Some(always()));
+    assert_eq!(
+        (p.a.engine.volume(NAMED), p.a.engine.volume(ANON)),
+        (None, None)
+    );
+    // The engine could not start the original again: its policy was `no`
+    // from before the checkpoint on.
+    let calls = p.a.engine.calls();
+    let at = |c| calls.iter().position(|x| *x == c).unwrap();
+    assert!(at("pause_restart_policy") < at("checkpoint"), "{calls:?}");
+    assert!(at("remove") < at("remove_unused_volumes"), "{calls:?}");
+    assert!(!calls.contains(&"restore"), "{calls:?}");
     assert_eq!(
         p.b.engine.running(NAME),
         Some(true),
@@ -401,7 +486,7 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
 async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() {
     use JobState::{Failed, RolledBack};
     type Setup = fn(&Pair);
-    let cases: [(&str, Peer, Setup, JobState, &str); 13] = [
+    let cases: [(&str, Peer, Setup, JobState, &str); 20] = [
         (
             "source inspect",
             Peer::Target,
@@ -424,11 +509,52 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             "engine arch differs",
         ),
         (
+            "mounts refused",
+            Peer::Target,
+            |p| p.a.engine.fail("survey"),
+            Failed,
+            "precheck: engine call survey",
+        ),
+        (
             "target image",
             Peer::Target,
-            |p| p.b.engine.fail("image_exists"),
+            |p| p.b.engine.fail("missing_image"),
             Failed,
-            "target b refused: cannot check image",
+            "target b refused: image ferry/counter:1: engine call missing_image",
+        ),
+        (
+            "image export",
+            Peer::Target,
+            |p| {
+                p.b.engine.remove_image(IMAGE);
+                p.a.engine.fail("export_image");
+            },
+            Failed,
+            "image for b: engine call export_image",
+        ),
+        (
+            "image load",
+            Peer::Target,
+            |p| {
+                p.b.engine.remove_image(IMAGE);
+                p.b.engine.fail("load_image");
+            },
+            Failed,
+            "target b refused: image ferry/counter:1: engine call load_image",
+        ),
+        (
+            "volume create",
+            Peer::Target,
+            |p| p.b.engine.fail("create_volumes"),
+            Failed,
+            "target b refused: cannot create the volumes of web on b",
+        ),
+        (
+            "policy pause",
+            Peer::Target,
+            |p| p.a.engine.fail("pause_restart_policy"),
+            Failed,
+            "restart policy: cannot set it to no before the checkpoint",
         ),
         (
             "target create",
@@ -466,6 +592,20 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             "transfer: engine call checkpoint_dir",
         ),
         (
+            "pack state",
+            Peer::Target,
+            |p| p.a.engine.fail("pack_state"),
+            RolledBack,
+            "checkpoint: packing files and volumes: engine call pack_state",
+        ),
+        (
+            "state apply",
+            Peer::Target,
+            |p| p.b.engine.fail("apply_state"),
+            RolledBack,
+            "restore on target failed: restore: applying files and volumes",
+        ),
+        (
             "target placing images",
             Peer::Target,
             |p| p.b.engine.fail("checkpoint_dir"),
@@ -500,11 +640,7 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
         let (state, got) = state_and_error(&p.migrate().await);
         assert_eq!(state, end, "{what}: {got}");
         assert!(got.contains(error), "{what}: {got:?} lacks {error:?}");
-        assert_eq!(
-            p.a.engine.running(NAME),
-            Some(true),
-            "{what}: not running on the source"
-        );
+        p.assert_source_whole(what);
         let checkpointed = p.a.engine.calls().contains(&"checkpoint");
         assert_eq!(checkpointed, end == RolledBack, "{what}");
         assert!(
@@ -516,7 +652,10 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             assert_eq!(b.state, Failed, "{what}: target {b:?}");
             assert!(!p.b.work_dir.join("staging").join("j1").exists(), "{what}");
         }
-        assert_eq!(p.b.engine.running(NAME), None, "{what}: left on the target");
+        p.assert_target_empty(what);
+        let staging = p.a.work_dir.join("staging");
+        let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{what}: the exported image is left");
     }
 }
 
@@ -584,6 +723,69 @@ async fn connections_the_job_or_the_node_cannot_carry_stop_it_before_anything_st
         assert_eq!(p.a.engine.running(NAME), Some(true), "{tcp}");
         assert_eq!(p.b.engine.running(NAME), None, "{tcp}");
     }
+}
+
+#[tokio::test]
+async fn an_image_only_the_source_has_travels_without_the_layers_the_target_has() {
+    // Missing altogether: both layers travel.
+    let p = Pair::new(Peer::Target);
+    p.b.engine.remove_image(IMAGE);
+    let whole = p.migrate().await;
+    assert_eq!(whole.state, JobState::Succeeded, "{whole:?}");
+    let id = p.a_image_id();
+    assert_eq!(p.b.engine.tagged(IMAGE), Some(id.clone()), "same image id");
+    assert_eq!(p.b.engine.running(NAME), Some(true));
+    let b = p.b_statuses.final_of("j1").await;
+    assert_eq!(
+        b.bytes_image, whole.bytes_image,
+        "the target counted the same"
+    );
+
+    // Another image under the same tag, sharing the base layer: only the
+    // top layer travels, and the tag moves to the source's image.
+    let p = Pair::new(Peer::Target);
+    p.b.engine.remove_image(IMAGE);
+    let other = ["sha256:base".to_string(), "sha256:other-top".to_string()];
+    let other_id = p.b.engine.add_image(IMAGE, &other);
+    let delta = p.migrate().await;
+    assert_eq!(delta.state, JobState::Succeeded, "{delta:?}");
+    assert_eq!(p.b.engine.tagged(IMAGE), Some(id));
+    assert_ne!(p.b.engine.tagged(IMAGE), Some(other_id));
+    println!(
+        "image bytes on the wire: whole {}, top layer only {}",
+        whole.bytes_image, delta.bytes_image
+    );
+    let layer = LAYER_BYTES as u64;
+    assert!(whole.bytes_image > 2 * layer, "{whole:?}");
+    assert!(
+        delta.bytes_image > layer && delta.bytes_image < 2 * layer,
+        "{delta:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_volume_another_container_uses_stays_on_the_source() {
+    let p = Pair::new(Peer::Target);
+    p.a.engine
+        .run_with("sidecar", IMAGE, no_restart(), &[(NAMED, false, "")]);
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert_eq!(p.a.engine.volume(NAMED).as_deref(), Some("named contents"));
+    assert_eq!(p.a.engine.volume(ANON), None);
+    assert_eq!(p.b.engine.volume(NAMED).as_deref(), Some("named contents"));
+}
+
+#[tokio::test]
+async fn a_cancel_as_the_policy_is_paused_puts_it_back() {
+    let p = Pair::new(Peer::Target);
+    let a = p.a.clone();
+    p.cancel_at(&a, "pause_restart_policy");
+    let (state, _) = state_and_error(&p.migrate().await);
+    assert_eq!(state, JobState::Canceled);
+    assert!(!p.a.engine.calls().contains(&"checkpoint"));
+    p.assert_source_whole("canceled at the pause");
+    assert_eq!(p.b_statuses.final_of("j1").await.state, JobState::Failed);
+    p.assert_target_empty("canceled at the pause");
 }
 
 #[tokio::test]
@@ -733,6 +935,7 @@ fn prepare(job: &str) -> Prepare {
             create_body: serde_json::json!({ "Image": IMAGE }),
             networks: Vec::new(),
         },
+        state: None,
         estimate_bytes: 1 << 20,
         arch: "x86_64".into(),
         page_size: 4096,

@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
+pub use crate::runtime::mounts::BindMounts;
 pub use crate::runtime::TcpMode;
 
 /// Default first levels of every topic.
@@ -64,6 +65,8 @@ pub enum ContractError {
     RateLimit(String),
     #[error("tcp {0} is not close, established or refuse")]
     Tcp(String),
+    #[error("bind_mounts {0} is neither \"refuse\" nor \"present\"")]
+    BindMounts(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
 }
@@ -283,6 +286,14 @@ pub struct MigrateOptions {
     pub zstd_level: i32,
     /// What happens to the container's established TCP connections.
     pub tcp: TcpMode,
+    /// `"refuse"` (the default) or `"present"`: the container's bind
+    /// mounts exist on the target as they are on the source.
+    #[serde(skip_serializing_if = "is_refuse")]
+    pub bind_mounts: BindMounts,
+}
+
+fn is_refuse(b: &BindMounts) -> bool {
+    *b == BindMounts::Refuse
 }
 
 impl Default for MigrateOptions {
@@ -291,6 +302,7 @@ impl Default for MigrateOptions {
             rate_limit: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             tcp: TcpMode::default(),
+            bind_mounts: BindMounts::Refuse,
         }
     }
 }
@@ -381,7 +393,11 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
             })
         }
     };
-    deny_unknown(obj, "options.", &["rate_limit", "zstd_level", "tcp"])?;
+    deny_unknown(
+        obj,
+        "options.",
+        &["rate_limit", "zstd_level", "tcp", "bind_mounts"],
+    )?;
 
     let rate_limit = match obj.get("rate_limit") {
         None | Some(Value::Null) => None,
@@ -430,10 +446,28 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
         }
     };
 
+    let bind_mounts = match obj.get("bind_mounts") {
+        None | Some(Value::Null) => BindMounts::Refuse,
+        Some(Value::String(s)) if s == "refuse" => BindMounts::Refuse,
+        Some(Value::String(s)) if s == "present" => BindMounts::Present,
+        Some(Value::String(s)) => {
+            return Err(ContractError::BindMounts(quoted(
+                &s.chars().take(MAX_RATE_TEXT).collect::<String>(),
+            )))
+        }
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "options.bind_mounts",
+                expected: "the string \"refuse\" or \"present\"",
+            })
+        }
+    };
+
     Ok(MigrateOptions {
         rate_limit,
         zstd_level,
         tcp,
+        bind_mounts,
     })
 }
 
@@ -624,6 +658,14 @@ pub struct JobStatus {
     pub bytes_wire: u64,
     #[serde(default)]
     pub rate_bps: u64,
+    /// Image bytes sent on the wire before the checkpoint (0 when the
+    /// target had the image).
+    #[serde(default)]
+    pub bytes_image: u64,
+    /// Tar bytes of the container's files and volumes inside the
+    /// checkpoint (counted in `bytes_raw` too).
+    #[serde(default)]
+    pub bytes_state: u64,
     #[serde(default)]
     pub timings_ms: BTreeMap<Phase, u64>,
     #[serde(default)]
@@ -670,6 +712,8 @@ impl JobStatus {
             bytes_raw: 0,
             bytes_wire: 0,
             rate_bps: 0,
+            bytes_image: 0,
+            bytes_state: 0,
             timings_ms: BTreeMap::new(),
             error: None,
             checkpoint_via: None,
@@ -735,7 +779,8 @@ mod tests {
     fn migrate_with_all_options() {
         let j = job(
             r#"{"action":"migrate","container":"counter","target":"node-b",
-                      "options":{"rate_limit":"10MiB/s","zstd_level":5,"tcp":"refuse"}}"#,
+                      "options":{"rate_limit":"10MiB/s","zstd_level":5,"tcp":"refuse",
+                                 "bind_mounts":"present"}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -747,6 +792,7 @@ mod tests {
                     rate_limit: Some(RateSpec::Text("10MiB/s".into())),
                     zstd_level: 5,
                     tcp: TcpMode::Refuse,
+                    bind_mounts: BindMounts::Present,
                 }
             }
         );
@@ -771,6 +817,38 @@ mod tests {
         assert_eq!(options.rate_limit, Some(RateSpec::Bytes(20 * 1024 * 1024)));
         assert_eq!(options.zstd_level, 3);
         assert_eq!(options.tcp, TcpMode::Close);
+        assert_eq!(options.bind_mounts, BindMounts::Refuse);
+    }
+
+    #[test]
+    fn bind_mounts_is_refuse_or_present() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"action":"migrate","container":"c","target":"b","options":{{"bind_mounts":{v}}}}}"#
+            )
+        };
+        for (v, want) in [
+            ("\"refuse\"", BindMounts::Refuse),
+            ("\"present\"", BindMounts::Present),
+            ("null", BindMounts::Refuse),
+        ] {
+            let Ok(JobRequest::Migrate { options, .. }) = job(&with(v)) else {
+                panic!("{v} refused")
+            };
+            assert_eq!(options.bind_mounts, want, "{v}");
+        }
+        assert_eq!(
+            reason(&with("\"Present\"")),
+            r#"bind_mounts "Present" is neither "refuse" nor "present""#
+        );
+        assert_eq!(
+            reason(&with("true")),
+            r#"invalid field "options.bind_mounts": expected the string "refuse" or "present""#
+        );
+        // Only a non-default value is written, so older agents still parse
+        // the jobs a new CLI sends without the option.
+        let default = serde_json::to_value(MigrateOptions::default()).unwrap();
+        assert_eq!(default.get("bind_mounts"), None);
     }
 
     #[test]
@@ -802,6 +880,7 @@ mod tests {
                     rate_limit: Some(RateSpec::Text("20MiB/s".into())),
                     zstd_level: 7,
                     tcp: TcpMode::Established,
+                    bind_mounts: BindMounts::Refuse,
                 },
             },
             JobRequest::Migrate {
@@ -811,6 +890,7 @@ mod tests {
                     rate_limit: Some(RateSpec::Bytes(1000)),
                     zstd_level: 1,
                     tcp: TcpMode::Refuse,
+                    bind_mounts: BindMounts::Present,
                 },
             },
             JobRequest::Migrate {

@@ -8,11 +8,18 @@
 //! slow, not hung. Dropping the engine's future does not stop the daemon's
 //! own work; the deadlines are long so that they only catch a hang.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bollard::models::RestartPolicy;
+
+use super::images::{ImageExport, ImageRef};
+use super::mounts::BindMounts;
 use super::networks::{Endpoint, NetworkDef};
+use super::state::{ApplyReport, PackReport, StateEngine, StateError, StatePlan, STATE_DIR};
+use super::volumes::VolumeSpec;
 use super::{
     CheckpointOptions, Checkpointed, Container, ContainerSpec, Engine, EngineInfo, RuntimeError,
     TcpState,
@@ -77,6 +84,30 @@ async fn within<T>(
             after,
         })
     })
+}
+
+/// [`within`] for the calls that move a container's files, volumes and
+/// image: a missed deadline is the same [`RuntimeError::Timeout`].
+async fn within_state<T>(
+    call: &'static str,
+    subject: &str,
+    after: Duration,
+    f: impl Future<Output = Result<T, StateError>>,
+) -> Result<T, StateError> {
+    tokio::time::timeout(after, f).await.unwrap_or_else(|_| {
+        Err(StateError::Runtime(RuntimeError::Timeout {
+            call,
+            subject: subject.to_owned(),
+            after,
+        }))
+    })
+}
+
+/// Bytes under `dir`, counted off the async threads (0 if unreadable).
+async fn dir_size_async(dir: PathBuf) -> u64 {
+    tokio::task::spawn_blocking(move || dir_size(&dir))
+        .await
+        .unwrap_or(0)
 }
 
 /// Bytes in the files under `dir` (0 if it cannot be read).
@@ -171,9 +202,7 @@ impl<E: Engine> Engine for Deadlines<E> {
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
         let size = match self.checkpoint_dir(id, checkpoint).await {
-            Ok(dir) => tokio::task::spawn_blocking(move || dir_size(&dir))
-                .await
-                .unwrap_or(0),
+            Ok(dir) => dir_size_async(dir).await,
             Err(_) => 0,
         };
         let after = self.limits.for_state(size);
@@ -187,6 +216,106 @@ impl<E: Engine> Engine for Deadlines<E> {
     async fn delete_checkpoint(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
         let f = self.inner.delete_checkpoint(id, checkpoint);
         within("delete_checkpoint", id, self.limits.call, f).await
+    }
+}
+
+/// The moves of files, volumes, image and restart policy wait like the
+/// other calls, except those that copy state: packing and applying files
+/// and volumes, exporting and loading an image wait in proportion to the
+/// bytes they move.
+impl<E: Engine> StateEngine for Deadlines<E> {
+    async fn survey(
+        &self,
+        container: &str,
+        bind_mounts: BindMounts,
+    ) -> Result<StatePlan, StateError> {
+        let f = self.inner.survey(container, bind_mounts);
+        within_state("survey", container, self.limits.call, f).await
+    }
+
+    async fn estimate_state_bytes(&self, id: &str, plan: &StatePlan) -> Result<u64, StateError> {
+        let f = self.inner.estimate_state_bytes(id, plan);
+        within_state("estimate_state_bytes", id, self.limits.call, f).await
+    }
+
+    async fn pause_restart_policy(&self, id: &str) -> Result<RestartPolicy, StateError> {
+        let f = self.inner.pause_restart_policy(id);
+        within_state("pause_restart_policy", id, self.limits.call, f).await
+    }
+
+    async fn set_restart_policy(&self, id: &str, policy: &RestartPolicy) -> Result<(), StateError> {
+        let f = self.inner.set_restart_policy(id, policy);
+        within_state("set_restart_policy", id, self.limits.call, f).await
+    }
+
+    async fn pack_state(
+        &self,
+        id: &str,
+        plan: &StatePlan,
+        checkpoint_dir: &Path,
+    ) -> Result<PackReport, StateError> {
+        let bytes = self.estimate_state_bytes(id, plan).await.unwrap_or(0);
+        let after = self.limits.for_state(bytes);
+        let f = self.inner.pack_state(id, plan, checkpoint_dir);
+        within_state("pack_state", id, after, f).await
+    }
+
+    async fn missing_image(&self, image: &ImageRef) -> Result<Option<HashSet<String>>, StateError> {
+        let f = self.inner.missing_image(image);
+        within_state("missing_image", &image.reference, self.limits.call, f).await
+    }
+
+    async fn export_image(
+        &self,
+        image: &ImageRef,
+        have: &HashSet<String>,
+        out: &Path,
+    ) -> Result<ImageExport, StateError> {
+        let after = self.limits.for_state(image.size);
+        let f = self.inner.export_image(image, have, out);
+        within_state("export_image", &image.reference, after, f).await
+    }
+
+    async fn load_image(&self, image: &ImageRef, tar: &Path) -> Result<(), StateError> {
+        let bytes = tokio::fs::metadata(tar).await.map_or(0, |m| m.len());
+        let after = self.limits.for_state(bytes);
+        let f = self.inner.load_image(image, tar);
+        within_state("load_image", &image.reference, after, f).await
+    }
+
+    async fn tag_image(&self, image: &ImageRef) -> Result<(), StateError> {
+        let f = self.inner.tag_image(image);
+        within_state("tag_image", &image.reference, self.limits.call, f).await
+    }
+
+    async fn create_volumes(&self, volumes: &[VolumeSpec]) -> Result<Vec<String>, StateError> {
+        let f = self.inner.create_volumes(volumes);
+        within_state("create_volumes", "volumes", self.limits.call, f).await
+    }
+
+    async fn apply_state(
+        &self,
+        id: &str,
+        plan: &StatePlan,
+        staging: &Path,
+    ) -> Result<ApplyReport, StateError> {
+        let bytes = dir_size_async(staging.join(STATE_DIR)).await;
+        let after = self.limits.for_state(bytes);
+        let f = self.inner.apply_state(id, plan, staging);
+        within_state("apply_state", id, after, f).await
+    }
+
+    async fn remove_volumes(&self, names: &[String]) -> Result<(), StateError> {
+        let f = self.inner.remove_volumes(names);
+        within_state("remove_volumes", "volumes", self.limits.call, f).await
+    }
+
+    async fn remove_unused_volumes(
+        &self,
+        volumes: &[VolumeSpec],
+    ) -> Result<Vec<String>, StateError> {
+        let f = self.inner.remove_unused_volumes(volumes);
+        within_state("remove_unused_volumes", "volumes", self.limits.call, f).await
     }
 }
 

@@ -3,7 +3,7 @@
 //! to what the daemon speaks (Debian 12's Docker 20.10 speaks 1.41).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::container::CreateCheckpointOptions;
 use bollard::models::ContainerCreateBody;
@@ -32,6 +32,11 @@ pub const DEFAULT_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
 /// How long the engine may take to see a container stopped by runc.
 const STOP_SEEN_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_POLL: Duration = Duration::from_millis(25);
+/// How long a restore keeps retrying Docker's transient content-store
+/// clash (see [`is_transient_restore_error`]); seen to clear in 1-3 s.
+const RESTORE_RETRY_FOR: Duration = Duration::from_secs(20);
+/// Pause between two such retries.
+const RESTORE_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 pub struct Docker {
     api: bollard::Docker,
@@ -139,6 +144,41 @@ impl Docker {
             .await
             .map_err(engine_err("start from checkpoint", id))
     }
+}
+
+impl Docker {
+    /// Starts from the checkpoint, retrying only the transient error that
+    /// [`is_transient_restore_error`] names, until `retry_for` has passed.
+    async fn restore_retrying(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        retry_for: Duration,
+        pause: Duration,
+    ) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + retry_for;
+        loop {
+            match self.start_with_checkpoint(id, checkpoint).await {
+                Err(RuntimeError::Engine { ref message, .. })
+                    if is_transient_restore_error(message) && Instant::now() + pause < deadline =>
+                {
+                    tracing::info!(container = %id, %message, "restore: content store clash, retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Docker 20.10 sometimes refuses to restore a checkpoint on the daemon
+/// that has just created one: `failed to upload checkpoint to containerd:
+/// commit failed: content sha256:... already exists`. The same restore
+/// works a few seconds later, so this one error is worth a retry; anything
+/// else (a CRIU failure, a missing checkpoint) is not.
+pub(super) fn is_transient_restore_error(message: &str) -> bool {
+    message.contains("failed to upload checkpoint to containerd")
+        && message.contains("already exists")
 }
 
 /// RFC 3986 unreserved bytes: safe in a query value without encoding.
@@ -419,7 +459,8 @@ impl Engine for Docker {
     }
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
-        self.start_with_checkpoint(id, checkpoint).await
+        self.restore_retrying(id, checkpoint, RESTORE_RETRY_FOR, RESTORE_RETRY_PAUSE)
+            .await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -543,6 +584,70 @@ mod tests {
             assert!(err.contains("not a plain name"), "{bad:?}: {err}");
         }
         assert!(seen.await.unwrap().is_empty(), "nothing reached the engine");
+    }
+
+    fn chunked_500(message: &str) -> String {
+        let error = serde_json::json!({ "message": message }).to_string();
+        format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             {:x}\r\n{error}\r\n0\r\n\r\n",
+            error.len()
+        )
+    }
+
+    const CLASH: &str = "failed to upload checkpoint to containerd: commit failed: \
+                         content sha256:5f0c already exists: already exists";
+
+    #[test]
+    fn only_the_content_store_clash_is_transient() {
+        assert!(is_transient_restore_error(CLASH));
+        for other in [
+            "custom checkpointdir is not supported",
+            "failed to upload checkpoint to containerd: no space left on device",
+            "criu failed: type RESTORE errno 0",
+            "content sha256:5f0c already exists",
+        ] {
+            assert!(!is_transient_restore_error(other), "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn restore_retries_the_clash_and_nothing_else() {
+        let dir = TempDir::new("docker-restore-retry");
+        let ok = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string();
+        let (docker, seen) = scripted_engine(
+            &dir,
+            vec![
+                chunked_500(CLASH),
+                chunked_500(CLASH),
+                ok,
+                chunked_500("criu failed: type RESTORE errno 0"),
+            ],
+        )
+        .await;
+        let pause = Duration::from_millis(10);
+        let retry_for = Duration::from_secs(5);
+        docker
+            .restore_retrying("c1", "cp", retry_for, pause)
+            .await
+            .unwrap();
+        let err = docker
+            .restore_retrying("c1", "cp", retry_for, pause)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("criu failed"), "{err}");
+        assert_eq!(seen.await.unwrap().len(), 4, "3 tries, then 1");
+
+        // Past the deadline the clash itself is the error.
+        let dir = TempDir::new("docker-restore-deadline");
+        let (docker, seen) = scripted_engine(&dir, vec![chunked_500(CLASH)]).await;
+        let err = docker
+            .restore_retrying("c1", "cp", Duration::ZERO, pause)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(seen.await.unwrap().len(), 1);
     }
 
     #[test]

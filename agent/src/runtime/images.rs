@@ -31,6 +31,10 @@ pub struct ImageRef {
     pub reference: String,
     /// `RootFS.Layers`, bottom first.
     pub diff_ids: Vec<String>,
+    /// The engine's size of the image: what a whole export about weighs,
+    /// and so the cap on what the target accepts for it.
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// What [`filter_save_tar`] wrote.
@@ -213,6 +217,7 @@ impl Docker {
             id: image.id.unwrap_or_else(|| id.to_string()),
             reference: reference.to_string(),
             diff_ids: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+            size: image.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
         })
     }
 

@@ -116,9 +116,11 @@ pub enum RuntimeError {
     Io(#[from] std::io::Error),
 }
 
-/// The engine operations a migration needs. Implemented by [`Docker`] and,
-/// in unit tests, by the recording `fake::FakeEngine`.
-pub trait Engine: Send + Sync {
+/// The engine operations a migration needs, the moves of a container's
+/// files, volumes, image and restart policy ([`state::StateEngine`])
+/// included. Implemented by [`Docker`] and, in unit tests, by the recording
+/// `fake::FakeEngine`.
+pub trait Engine: state::StateEngine + Send + Sync {
     fn info(&self) -> impl Future<Output = Result<EngineInfo, RuntimeError>> + Send;
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Container, RuntimeError>> + Send;
     /// Memory the container uses now: the size its checkpoint will have.

@@ -3,14 +3,21 @@
 //! feeds back what happened.
 //!
 //! ```text
-//! Precheck -> PrepareTarget -> Checkpoint -> Transfer -> AwaitRestore -> Commit -> done
-//!     \____________\_____ fail/cancel: Abort     \___________\__ fail/cancel: RollBack
+//! Precheck -> PrepareTarget -> SendImage -> PausePolicy -> Checkpoint -> PackState
+//!     \____________\______________\____________\          |
+//!              fail/cancel: Abort (-> ResumePolicy)       Transfer -> AwaitRestore -> Commit -> done
+//!                                                    \________\____________\__ fail/cancel:
+//!                                                          RollBack -> ResumePolicy
 //! ```
 //! Before the checkpoint the container never stopped, so a failure only
-//! tells the target to forget the job. Between the checkpoint and the
-//! target's confirmation, the original is restored from its local
-//! checkpoint. Once the target confirms (the point of no return, settled
-//! against a cancel by the job's `CommitGate`), the job can only go forward.
+//! tells the target to forget the job (and puts the restart policy back if
+//! it was paused). Between the checkpoint and the target's confirmation,
+//! the original is restored from its local checkpoint, then gets its
+//! restart policy back. Once the target confirms (the point of no return,
+//! settled against a cancel by the job's `CommitGate`), the job can only go
+//! forward. The restart policy is `no` from `PausePolicy` on, so the engine
+//! never starts the checkpointed original afresh; a failed rollback leaves
+//! it so.
 
 use std::collections::BTreeMap;
 
@@ -22,10 +29,20 @@ use crate::runtime::CheckpointVia;
 /// What the driver must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// Inspect, check the mounts and the target, and survey what moves.
     Precheck,
+    /// Send `Prepare`; the target says whether it needs the image.
     PrepareTarget,
+    /// Send the image layers the target lacks, if it asked; wait for
+    /// `Prepared`.
+    SendImage,
+    /// Set the restart policy to `no`. Not interruptible.
+    PausePolicy,
     /// Not interruptible: a cancel meanwhile is reported once it returns.
     Checkpoint,
+    /// Write the stopped container's files and volumes into the
+    /// checkpoint folder.
+    PackState,
     Transfer,
     /// Wait for `Restored`, then pass the commit gate.
     AwaitRestore,
@@ -35,6 +52,8 @@ pub enum Step {
     Abort,
     /// Restore the original on this node from its local checkpoint.
     RollBack,
+    /// Put back the restart policy `PausePolicy` set to `no`.
+    ResumePolicy,
     /// Final state reached; publish it and stop.
     Finish,
 }
@@ -46,6 +65,10 @@ pub struct SourceMachine {
     /// Why the migration stopped going forward, reported in the final state.
     failure: Option<MigrationError>,
     canceled: bool,
+    /// The restart policy was set to `no`.
+    policy_paused: bool,
+    /// The original runs again from its checkpoint.
+    rolled_back: bool,
 }
 
 impl SourceMachine {
@@ -55,6 +78,8 @@ impl SourceMachine {
             step: Step::Precheck,
             failure: None,
             canceled: false,
+            policy_paused: false,
+            rolled_back: false,
         }
     }
 
@@ -70,6 +95,16 @@ impl SourceMachine {
     /// The container's addresses on the source, once inspected.
     pub fn old_addresses(&mut self, addresses: BTreeMap<String, String>) {
         self.report.status.old_addresses = addresses;
+    }
+
+    /// Image bytes sent on the wire.
+    pub fn image_sent(&mut self, bytes_wire: u64) {
+        self.report.status.bytes_image = bytes_wire;
+    }
+
+    /// Bytes of files and volumes packed into the checkpoint folder.
+    pub fn state_packed(&mut self, bytes: u64) {
+        self.report.status.bytes_state = bytes;
     }
 
     /// Transfer counters, as the stream reports them.
@@ -114,6 +149,11 @@ impl SourceMachine {
 
     /// Feeds the outcome of the current step; returns the next step.
     pub fn on(&mut self, outcome: Outcome, now_ms: u64) -> Step {
+        // The pause is not interruptible: a cancel reported from it came
+        // once it was done.
+        if self.step == Step::PausePolicy && matches!(outcome, Outcome::Done | Outcome::Canceled) {
+            self.policy_paused = true;
+        }
         match outcome {
             Outcome::Done => self.forward(now_ms),
             // The gate refuses a cancel once the commit passed it: the
@@ -134,32 +174,61 @@ impl SourceMachine {
     fn forward(&mut self, now_ms: u64) -> Step {
         match self.step {
             Step::Precheck => self.enter(Step::PrepareTarget, None, now_ms),
-            Step::PrepareTarget => self.enter(Step::Checkpoint, Some(Phase::Checkpoint), now_ms),
-            Step::Checkpoint => self.enter(Step::Transfer, Some(Phase::Transfer), now_ms),
+            Step::PrepareTarget => self.enter(Step::SendImage, None, now_ms),
+            Step::SendImage => self.enter(Step::PausePolicy, None, now_ms),
+            Step::PausePolicy => self.enter(Step::Checkpoint, Some(Phase::Checkpoint), now_ms),
+            Step::Checkpoint => self.enter(Step::PackState, None, now_ms),
+            Step::PackState => self.enter(Step::Transfer, Some(Phase::Transfer), now_ms),
             Step::Transfer => self.enter(Step::AwaitRestore, Some(Phase::Restore), now_ms),
             Step::AwaitRestore => self.enter(Step::Commit, Some(Phase::Cleanup), now_ms),
             Step::Commit => self.finish(JobState::Succeeded, now_ms),
-            Step::Abort => self.finish(self.undone(JobState::Failed), now_ms),
-            Step::RollBack => self.finish(self.undone(JobState::RolledBack), now_ms),
+            Step::Abort => self.aborted(now_ms),
+            Step::RollBack => {
+                self.rolled_back = true;
+                self.enter(Step::ResumePolicy, None, now_ms)
+            }
+            Step::ResumePolicy => {
+                let end = if self.rolled_back {
+                    JobState::RolledBack
+                } else {
+                    JobState::Failed
+                };
+                self.finish(self.undone(end), now_ms)
+            }
             Step::Finish => Step::Finish,
+        }
+    }
+
+    /// After `Abort`: the policy back if it was paused, else done.
+    fn aborted(&mut self, now_ms: u64) -> Step {
+        if self.policy_paused {
+            self.enter(Step::ResumePolicy, None, now_ms)
+        } else {
+            self.finish(self.undone(JobState::Failed), now_ms)
         }
     }
 
     fn backward(&mut self, now_ms: u64) -> Step {
         match self.step {
-            Step::Precheck | Step::PrepareTarget => self.enter(Step::Abort, None, now_ms),
+            Step::Precheck | Step::PrepareTarget | Step::SendImage | Step::PausePolicy => {
+                self.enter(Step::Abort, None, now_ms)
+            }
             // A failed checkpoint call may still have stopped the container;
             // the rollback step restores it if so.
-            Step::Checkpoint | Step::Transfer | Step::AwaitRestore => {
+            Step::Checkpoint | Step::PackState | Step::Transfer | Step::AwaitRestore => {
                 self.enter(Step::RollBack, Some(Phase::Cleanup), now_ms)
             }
             // Forward-only from here, no rollback: the target may already
             // own the workload. The original stays stopped with its
             // checkpoint, and the error says what is unconfirmed.
             Step::Commit => self.finish(JobState::Failed, now_ms),
-            Step::Abort => self.finish(self.undone(JobState::Failed), now_ms),
-            // The original could not be restored either.
+            Step::Abort => self.aborted(now_ms),
+            // The original could not be restored either: it stays stopped
+            // with its checkpoint, and its policy stays `no` so the engine
+            // does not start it afresh.
             Step::RollBack => self.finish(JobState::Failed, now_ms),
+            // The workload runs (or never stopped), without its policy.
+            Step::ResumePolicy => self.finish(JobState::Failed, now_ms),
             Step::Finish => Step::Finish,
         }
     }
@@ -193,7 +262,7 @@ mod tests {
     fn happy_path_succeeds_with_timings_per_phase() {
         let mut m = machine();
         let mut steps = vec![m.step()];
-        for i in 1..=6 {
+        for i in 1..=9 {
             steps.push(m.on(Outcome::Done, 1_000 + 100 * i));
         }
         use Step::*;
@@ -202,7 +271,10 @@ mod tests {
             [
                 Precheck,
                 PrepareTarget,
+                SendImage,
+                PausePolicy,
                 Checkpoint,
+                PackState,
                 Transfer,
                 AwaitRestore,
                 Commit,
@@ -212,13 +284,11 @@ mod tests {
         let s = m.status();
         assert_eq!(s.state, JobState::Succeeded);
         assert_eq!(s.error, None);
-        assert_eq!(s.timings_ms.get(&Phase::Precheck), Some(&200));
-        for p in [
-            Phase::Checkpoint,
-            Phase::Transfer,
-            Phase::Restore,
-            Phase::Cleanup,
-        ] {
+        // The image goes out before anything stops; the files are packed
+        // while the container is frozen.
+        assert_eq!(s.timings_ms.get(&Phase::Precheck), Some(&400));
+        assert_eq!(s.timings_ms.get(&Phase::Checkpoint), Some(&200));
+        for p in [Phase::Transfer, Phase::Restore, Phase::Cleanup] {
             assert_eq!(s.timings_ms.get(&p), Some(&100), "{p:?}");
         }
     }
@@ -227,16 +297,36 @@ mod tests {
     fn a_failure_aborts_before_the_checkpoint_and_rolls_back_after_it() {
         use Step::*;
         for (failing, undo, end) in [
-            (Precheck, Abort, JobState::Failed),
-            (PrepareTarget, Abort, JobState::Failed),
-            (Checkpoint, RollBack, JobState::RolledBack),
-            (Transfer, RollBack, JobState::RolledBack),
-            (AwaitRestore, RollBack, JobState::RolledBack),
+            (Precheck, vec![Abort], JobState::Failed),
+            (PrepareTarget, vec![Abort], JobState::Failed),
+            (SendImage, vec![Abort], JobState::Failed),
+            // A failed pause changed nothing.
+            (PausePolicy, vec![Abort], JobState::Failed),
+            (
+                Checkpoint,
+                vec![RollBack, ResumePolicy],
+                JobState::RolledBack,
+            ),
+            (
+                PackState,
+                vec![RollBack, ResumePolicy],
+                JobState::RolledBack,
+            ),
+            (Transfer, vec![RollBack, ResumePolicy], JobState::RolledBack),
+            (
+                AwaitRestore,
+                vec![RollBack, ResumePolicy],
+                JobState::RolledBack,
+            ),
         ] {
             let mut m = machine();
             run_to(&mut m, failing);
-            assert_eq!(m.on(failed("no image"), 2_100), undo, "{failing:?}");
-            assert_eq!(m.on(Outcome::Done, 2_200), Finish);
+            let mut steps = vec![m.on(failed("no image"), 2_100)];
+            while m.step() != Finish {
+                steps.push(m.on(Outcome::Done, 2_200));
+            }
+            assert_eq!(steps.pop(), Some(Finish));
+            assert_eq!(steps, undo, "{failing:?}");
             assert_eq!(m.status().state, end, "{failing:?}");
             assert_eq!(
                 m.status().error.as_deref(),
@@ -281,11 +371,17 @@ mod tests {
     #[test]
     fn cancel_reported_after_the_checkpoint_rolls_back() {
         // The driver lets the checkpoint call finish, then reports the cancel.
-        for at in [Step::Checkpoint, Step::Transfer, Step::AwaitRestore] {
+        for at in [
+            Step::Checkpoint,
+            Step::PackState,
+            Step::Transfer,
+            Step::AwaitRestore,
+        ] {
             let mut m = machine();
             run_to(&mut m, at);
             assert_eq!(m.on(Outcome::Canceled, 2_100), Step::RollBack);
-            assert_eq!(m.on(Outcome::Done, 2_200), Step::Finish);
+            assert_eq!(m.on(Outcome::Done, 2_200), Step::ResumePolicy);
+            assert_eq!(m.on(Outcome::Done, 2_300), Step::Finish);
             assert_eq!(m.status().state, JobState::Canceled);
             assert_eq!(m.status().error.as_deref(), Some("canceled by request"));
         }
@@ -297,6 +393,29 @@ mod tests {
         assert_eq!(m.on(Outcome::Canceled, 1_100), Step::Abort);
         assert_eq!(m.on(Outcome::Done, 1_200), Step::Finish);
         assert_eq!(m.status().state, JobState::Canceled);
+
+        // Canceled as the pause returned: the policy goes back.
+        let mut m = machine();
+        run_to(&mut m, Step::PausePolicy);
+        assert_eq!(m.on(Outcome::Canceled, 2_100), Step::Abort);
+        assert_eq!(m.on(Outcome::Done, 2_200), Step::ResumePolicy);
+        assert_eq!(m.on(Outcome::Done, 2_300), Step::Finish);
+        assert_eq!(m.status().state, JobState::Canceled);
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_put_back_fails_the_job() {
+        let mut m = machine();
+        run_to(&mut m, Step::Transfer);
+        m.on(failed("x"), 2_100);
+        assert_eq!(m.on(Outcome::Done, 2_200), Step::ResumePolicy);
+        let e = MigrationError::Missing("policy");
+        assert_eq!(m.on(Outcome::Failed(e), 2_300), Step::Finish);
+        assert_eq!(m.status().state, JobState::Failed);
+        assert_eq!(
+            m.status().error.as_deref(),
+            Some("restore on target failed: x")
+        );
     }
 
     #[test]

@@ -3,16 +3,17 @@
 //! and feeds back what happened.
 //!
 //! ```text
-//! Precheck -> Receive -> Restore -> AwaitCommit -> Keep -> done (succeeded)
-//!     |          \           \            \
-//!   Refuse        \        TellFailed -> Remove -> done (failed)
-//!     |            \__________________\___/
-//!   done (failed)
+//! Precheck -> FetchImage -> Create -> Receive -> ApplyState -> Restore -> AwaitCommit -> Keep -> done
+//!     \___________\            |         \            \__________\            \      (succeeded)
+//!                Refuse        Refuse      \                TellFailed -> Remove -> done (failed)
+//!                  |             \          \_______________________________/
+//!             done (failed)       Remove -> done (failed)
 //! ```
-//! Nothing exists here until the precheck created the container, so a
-//! refusal has nothing to undo. After that, anything short of the source's
-//! `Commit` removes what was created: the source then still holds (or
-//! restores) the original.
+//! Nothing exists here until `Create` made the volumes and the container
+//! (an image fetched for the job stays, as any pulled image would), so an
+//! earlier refusal has nothing to undo. After that, anything short of the
+//! source's `Commit` removes what was created: the source then still holds
+//! (or restores) the original.
 
 use std::collections::BTreeMap;
 
@@ -22,10 +23,17 @@ use crate::mqtt::contract::{JobState, JobStatus, Phase};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetStep {
-    /// Check compatibility, image, name and room; create the container.
+    /// Check compatibility, name and room; whether the image is here.
     Precheck,
+    /// Have the image: ask the source for the layers missing here (if
+    /// any), load them, tag the image id with the container's reference.
+    FetchImage,
+    /// Create the volumes and the container.
+    Create,
     /// Answer `Prepared`, then receive and verify the checkpoint stream.
     Receive,
+    /// Apply the files and fill the volumes that came with the checkpoint.
+    ApplyState,
     /// Place the images, start from them, check the container stays up.
     Restore,
     /// Answer `Restored`, then wait for the source's `Commit`.
@@ -36,7 +44,7 @@ pub enum TargetStep {
     Refuse,
     /// Answer `Failed` with [`TargetMachine::reason`], then remove.
     TellFailed,
-    /// Remove the container created for the job.
+    /// Remove the container and the volumes created for the job.
     Remove,
     /// Final state reached; publish it and stop.
     Finish,
@@ -49,6 +57,8 @@ pub struct TargetMachine {
     failure: Option<MigrationError>,
     /// The status changed since it was last handed out for publishing.
     unpublished: bool,
+    /// `Create` ran: there may be something to remove.
+    created: bool,
 }
 
 impl TargetMachine {
@@ -58,6 +68,7 @@ impl TargetMachine {
             step: TargetStep::Precheck,
             failure: None,
             unpublished: true,
+            created: false,
         }
     }
 
@@ -91,6 +102,16 @@ impl TargetMachine {
         self.report.status.new_addresses = addresses;
     }
 
+    /// Image bytes received on the wire.
+    pub fn image_received(&mut self, bytes_wire: u64) {
+        self.report.status.bytes_image = bytes_wire;
+    }
+
+    /// Bytes of files and volumes applied.
+    pub fn state_applied(&mut self, bytes: u64) {
+        self.report.status.bytes_state = bytes;
+    }
+
     pub fn received(&mut self, bytes_raw: u64, bytes_wire: u64) {
         self.report.status.bytes_raw = bytes_raw;
         self.report.status.bytes_wire = bytes_wire;
@@ -121,12 +142,18 @@ impl TargetMachine {
             // Only the source cancels; it tells the target by closing.
             Outcome::Done | Outcome::Canceled => false,
         };
+        if self.step == Create {
+            self.created = true;
+        }
         match (self.step, failed) {
-            (Precheck, false) => self.enter(Receive, Some(Phase::Transfer), now_ms),
-            (Precheck, true) => self.enter(Refuse, None, now_ms),
-            (Receive, false) => self.enter(Restore, Some(Phase::Restore), now_ms),
+            (Precheck, false) => self.enter(FetchImage, None, now_ms),
+            (FetchImage, false) => self.enter(Create, None, now_ms),
+            (Create, false) => self.enter(Receive, Some(Phase::Transfer), now_ms),
+            (Precheck | FetchImage | Create, true) => self.enter(Refuse, None, now_ms),
+            (Receive, false) => self.enter(ApplyState, Some(Phase::Restore), now_ms),
+            (ApplyState, false) => self.enter(Restore, None, now_ms),
             (Restore, false) => self.enter(AwaitCommit, Some(Phase::Cleanup), now_ms),
-            (Restore, true) => self.enter(TellFailed, None, now_ms),
+            (ApplyState | Restore, true) => self.enter(TellFailed, None, now_ms),
             (AwaitCommit, false) => self.enter(Keep, None, now_ms),
             (Receive | AwaitCommit, true) => self.enter(Remove, None, now_ms),
             // The source committed: the container stays whatever the
@@ -135,6 +162,7 @@ impl TargetMachine {
             // Telling the source is best effort: it learns from the closed
             // connection otherwise.
             (TellFailed, _) => self.enter(Remove, None, now_ms),
+            (Refuse, _) if self.created => self.enter(Remove, None, now_ms),
             (Refuse | Remove, _) => self.finish(JobState::Failed, now_ms),
             (Finish, _) => Finish,
         }
@@ -180,24 +208,58 @@ mod tests {
         let (steps, m) = path(None);
         assert_eq!(
             steps,
-            [Precheck, Receive, Restore, AwaitCommit, Keep, Finish]
+            [
+                Precheck,
+                FetchImage,
+                Create,
+                Receive,
+                ApplyState,
+                Restore,
+                AwaitCommit,
+                Keep,
+                Finish
+            ]
         );
         assert_eq!(m.status().state, JobState::Succeeded);
-        for p in [Phase::Precheck, Phase::Transfer, Phase::Restore] {
-            assert_eq!(m.status().timings_ms.get(&p), Some(&100), "{p:?}");
-        }
+        assert_eq!(m.status().timings_ms.get(&Phase::Precheck), Some(&300));
+        assert_eq!(m.status().timings_ms.get(&Phase::Transfer), Some(&100));
+        assert_eq!(m.status().timings_ms.get(&Phase::Restore), Some(&200));
         assert_eq!(m.status().timings_ms.get(&Phase::Cleanup), Some(&200));
     }
 
     #[test]
     fn every_failure_ends_failed_and_removes_what_was_created() {
-        let cases: [(usize, &[TargetStep]); 4] = [
+        let cases: [(usize, &[TargetStep]); 7] = [
             (0, &[Precheck, Refuse, Finish]),
-            (1, &[Precheck, Receive, Remove, Finish]),
-            (2, &[Precheck, Receive, Restore, TellFailed, Remove, Finish]),
+            (1, &[Precheck, FetchImage, Refuse, Finish]),
+            (2, &[Precheck, FetchImage, Create, Refuse, Remove, Finish]),
+            (3, &[Precheck, FetchImage, Create, Receive, Remove, Finish]),
             (
-                3,
-                &[Precheck, Receive, Restore, AwaitCommit, Remove, Finish],
+                4,
+                &[
+                    Precheck, FetchImage, Create, Receive, ApplyState, TellFailed, Remove, Finish,
+                ],
+            ),
+            (
+                5,
+                &[
+                    Precheck, FetchImage, Create, Receive, ApplyState, Restore, TellFailed, Remove,
+                    Finish,
+                ],
+            ),
+            (
+                6,
+                &[
+                    Precheck,
+                    FetchImage,
+                    Create,
+                    Receive,
+                    ApplyState,
+                    Restore,
+                    AwaitCommit,
+                    Remove,
+                    Finish,
+                ],
             ),
         ];
         for (at, want) in cases {
@@ -215,7 +277,9 @@ mod tests {
     #[test]
     fn a_failure_while_undoing_keeps_the_first_reason() {
         let mut m = machine();
-        m.on(Outcome::Done, 1_100);
+        for _ in 0..3 {
+            m.on(Outcome::Done, 1_100);
+        }
         m.on(failed(), 1_200);
         assert_eq!(m.step(), Remove);
         m.on(Outcome::Failed(MigrationError::CommitTimeout), 1_300);

@@ -383,4 +383,29 @@ mod tests {
             "{err}"
         );
     }
+
+    #[tokio::test]
+    async fn a_hung_state_call_fails_with_its_name_and_wait() {
+        let dir = TempDir::new("deadline-state");
+        let fake = FakeEngine::new(&dir.join("engine"), &["img"]);
+        let id = fake.run("web", "img");
+        let engine = Deadlines::new(
+            fake,
+            EngineDeadlines {
+                call: Duration::from_millis(100),
+                ..limits()
+            },
+        );
+        // Answers in time: passes through.
+        let plan = engine.survey("web", BindMounts::Refuse).await.unwrap();
+        assert_eq!(plan.image.reference, "img");
+
+        engine.inner().hang("pause_restart_policy");
+        let err = engine.pause_restart_policy(&id).await.unwrap_err();
+        assert!(
+            matches!(&err, StateError::Runtime(RuntimeError::Timeout { call: "pause_restart_policy", after, .. }) if *after == Duration::from_millis(100)),
+            "{err}"
+        );
+        assert!(err.to_string().ends_with("the engine may be hung"), "{err}");
+    }
 }

@@ -652,6 +652,7 @@ impl StateEngine for FakeEngine {
 
     async fn pause_restart_policy(&self, id: &str) -> Result<RestartPolicy, StateError> {
         self.enter("pause_restart_policy", id)?;
+        self.stall("pause_restart_policy").await;
         Ok(self.entry_mut(id, |e| std::mem::replace(&mut e.policy, no_restart()))?)
     }
 

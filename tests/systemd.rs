@@ -420,6 +420,28 @@ fn the_deb_under_a_real_systemd_runs_migrates_and_is_removed_cleanly() {
     fleet.migrate_counter(&fleet.start_counter(2), 1, None);
     fleet.migrate_counter(&fleet.start_counter(1), 2, None);
 
+    // A 1 GiB checkpoint does not trip the watchdog: the same agent process
+    // sends it, and the journal has no watchdog timeout.
+    let big = fleet.run(1, "memhog", MEMHOG_IMAGE, &["1024"]);
+    memhog_ready(&big);
+    let before = machine.show();
+    let job = fleet.send_migrate(&big, 2, None);
+    let done = fleet.final_status(&pi.name, &job, Duration::from_secs(600));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let after = machine.show();
+    assert_eq!(
+        (&after["MainPID"], &after["NRestarts"]),
+        (&before["MainPID"], &before["NRestarts"]),
+        "the agent was restarted during a 1 GiB migration:\n{}",
+        machine.journal()
+    );
+    assert!(!machine.journal().contains("Watchdog timeout"));
+    other.remove(&big.name).expect("remove the 1 GiB memhog");
+    println!(
+        "1 GiB memhog out of the systemd node: no watchdog trip; timings {}",
+        done["timings_ms"]
+    );
+
     // The watchdog: a stopped agent is killed and restarted.
     let s = machine.show();
     let (old_pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].parse().unwrap_or(0));

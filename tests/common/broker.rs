@@ -13,6 +13,11 @@
 //! `mqtts://` with their node certificates and the agent's default topic
 //! root, which the production ACL grants. It is stopped (by its pid) when
 //! dropped.
+//!
+//! [`AedesBroker`] is the second MQTT implementation the contract is tested
+//! on: aedes (npm, `tests/bed/aedes/server.js`, installed by `bed install`)
+//! of the fleet's own, plain TCP on a free loopback port, so its tests run
+//! on any bed, whichever broker the bed itself started.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -297,4 +302,112 @@ fn start_mosquitto(fleet_dir: &Path, certs: &Path) -> (Child, u16, PathBuf) {
         last = std::fs::read_to_string(&log).unwrap_or_default();
     }
     panic!("mosquitto did not start from the production config:\n{last}");
+}
+
+/// aedes of the fleet's own: `node tests/bed/aedes/server.js` on a free
+/// loopback port, plain TCP, anonymous, sessions and retained messages in
+/// memory. Agents use the default topic root and `--insecure` (plain MQTT;
+/// their data ports still use mutual TLS). Stopped by its pid when dropped.
+pub struct AedesBroker {
+    pub port: u16,
+    /// Its connect and disconnect lines, one per client id.
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Broker for AedesBroker {
+    fn start(_bed: &Bed, dir: &Path, _certs: &Path) -> AedesBroker {
+        let log = dir.join("aedes.log");
+        let (child, port) = start_aedes(&log);
+        AedesBroker { port, log, child }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn root(&self) -> &str {
+        ROOT
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec!["--insecure".into()]
+    }
+
+    fn client(&self, tool: &str) -> Command {
+        line_buffered(tool, "127.0.0.1", &self.port.to_string())
+    }
+}
+
+impl AedesBroker {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AedesBroker {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, "aedes");
+        if thread::panicking() {
+            eprintln!("---- aedes log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Starts `tests/bed/aedes/server.js` on 127.0.0.1, port 0, and reads the
+/// port it took from its `listening HOST:PORT` line; waits for `ready`.
+fn start_aedes(log: &Path) -> (Child, u16) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bed/aedes");
+    assert!(
+        dir.join("node_modules/aedes/package.json").exists(),
+        "aedes is not installed in {}: run tests/bed/bed install (npm ci there)",
+        dir.display()
+    );
+    let mut child = Command::new("node")
+        .arg(dir.join("server.js"))
+        .arg("--log")
+        .arg(log)
+        .arg("127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start node (Node.js >= 20; tests/bed/bed install checks it)");
+    let stdout = child.stdout.take().expect("aedes stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut port = None;
+    while let Some(left) = BROKER_START.checked_sub(start.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line == "ready" => {
+                if let Some(p) = port {
+                    return (child, p);
+                }
+                break;
+            }
+            Ok(line) => {
+                port = port.or_else(|| {
+                    line.strip_prefix("listening 127.0.0.1:")
+                        .and_then(|p| p.parse().ok())
+                });
+            }
+            Err(_) => break,
+        }
+    }
+    stop_child(&mut child, "aedes");
+    panic!(
+        "aedes did not start within {BROKER_START:?}: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }

@@ -132,6 +132,23 @@ pub fn pack_tree(dir: &Path, kind: TreeKind, out: impl Write) -> Result<PackStat
     Ok(stats)
 }
 
+/// [`pack_tree`] into the file `out` (its folder created if missing),
+/// synced to disk before it returns.
+pub fn pack_tree_to_file(dir: &Path, kind: TreeKind, out: &Path) -> Result<PackStats, StateError> {
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).map_err(|e| StateError::io(parent, "creating", e))?;
+    }
+    let file = File::create(out).map_err(|e| StateError::io(out, "creating", e))?;
+    let mut w = io::BufWriter::with_capacity(1 << 20, file);
+    let stats = pack_tree(dir, kind, &mut w)?;
+    let file = w
+        .into_inner()
+        .map_err(|e| StateError::io(out, "writing", e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| StateError::io(out, "syncing", e))?;
+    Ok(stats)
+}
+
 /// About the tar bytes [`pack_tree`] would write for `dir` now (each entry's
 /// data rounded up to tar blocks, plus headers): what the source announces
 /// before the checkpoint so the target's size caps leave room for it.
@@ -839,21 +856,7 @@ impl super::Docker {
     pub async fn pack_rootfs(&self, id: &str, out: &Path) -> Result<PackStats, StateError> {
         let upper = self.upper_dir(id).await?;
         let out = out.to_path_buf();
-        super::volumes::blocking(move || {
-            if let Some(parent) = out.parent() {
-                fs::create_dir_all(parent).map_err(|e| StateError::io(parent, "creating", e))?;
-            }
-            let file = File::create(&out).map_err(|e| StateError::io(&out, "creating", e))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, file);
-            let stats = pack_tree(&upper, TreeKind::Upper, &mut w)?;
-            let file = w
-                .into_inner()
-                .map_err(|e| StateError::io(&out, "writing", e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| StateError::io(&out, "syncing", e))?;
-            Ok(stats)
-        })
-        .await
+        super::volumes::blocking(move || pack_tree_to_file(&upper, TreeKind::Upper, &out)).await
     }
 
     /// Target, before the restore: applies a [`Docker::pack_rootfs`] tar to

@@ -565,6 +565,24 @@ impl Fleet<DevBroker> {
         )
         .expect("run ferry")
     }
+
+    /// `ferry migrate` of `container` from node1 to node2 as job `job`,
+    /// through the CLI; fails the test unless the command succeeds.
+    pub fn cli_migrate_1_to_2(&self, container: &str, job: &str) -> CmdOutput {
+        let out = self.ferry(
+            &[
+                "migrate", container, "--from", "node1", "--to", "node2", "--job-id", job,
+            ],
+            JOB_TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "ferry migrate failed: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
 }
 
 impl Fleet<TlsBroker> {

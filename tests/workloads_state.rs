@@ -358,12 +358,7 @@ fn image_id(node: &Node, reference: &str) -> Option<String> {
 fn migrate_counter_of(fleet: &DevFleet, image: &str) -> u64 {
     let (n1, n2) = (fleet.node(1), fleet.node(2));
     let c = fleet.run(1, "img", image, &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let logs = LastLogs::follow(n1, &c.name);
     let (out, status) = ferry_migrate(fleet, &c, 2, &[]);
     assert!(out.status.success(), "ferry migrate: {}", out.stderr);
@@ -454,12 +449,7 @@ fn restart_always_never_restarts_the_original_and_the_target_keeps_it() {
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
     let c = fleet.run_opts(1, "always", COUNTER_IMAGE, &["--restart", "always"], &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let started = inspect(n1, &c.name, "{{.State.StartedAt}}");
 
     // Watch the original on node1 until it is gone: never started again.
@@ -594,12 +584,7 @@ fn binds_devices_and_privileged_are_refused_while_the_container_runs() {
     // With bind_mounts "present", a bind mount moves (the path exists on
     // node2: both nodes share this host).
     let c = fleet.run_opts(1, "bound", COUNTER_IMAGE, &["-v", &bind], &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let (out, status) = ferry_migrate(&fleet, &c, 2, &["--bind-mounts", "present"]);
     assert!(
         out.status.success(),

@@ -410,12 +410,7 @@ impl<B: Broker> Fleet<B> {
     /// values.
     pub fn start_counter(&self, n: usize) -> Container {
         let source = self.run(n, "counter", COUNTER_IMAGE, &[]);
-        wait_for("counter printing", REPLY_TIMEOUT, || {
-            let v = parse_counter(&source.logs())?;
-            (v.len() >= 5)
-                .then_some(())
-                .ok_or(format!("{} values", v.len()))
-        });
+        source.wait_counting(REPLY_TIMEOUT);
         source
     }
 

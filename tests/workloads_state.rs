@@ -56,6 +56,14 @@ impl Leftovers {
     fn path(&self, p: &Path) {
         self.paths.lock().unwrap().push(p.into());
     }
+
+    /// A new folder under the system temp dir, removed with the rest.
+    fn temp_dir(&self, tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.path(&dir);
+        dir
+    }
 }
 
 impl Drop for Leftovers {
@@ -182,9 +190,7 @@ fn start_writer(fleet: &DevFleet, left: &Leftovers, opts: &[&str]) -> Writer {
     let c = fleet.run_opts(1, "writer", WRITER_IMAGE, &all, &[]);
     let anon = volume_at(&c.node, &c.name, "/vol");
     left.volume(&anon);
-    let scratch = std::env::temp_dir().join(unique_name("scratch"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    left.path(&scratch);
+    let scratch = left.temp_dir("scratch");
     let src = scratch.join("hello");
     std::fs::write(&src, NAMED_FILE).unwrap();
     c.node.docker_ok(&[
@@ -384,9 +390,7 @@ fn an_image_only_the_source_has_travels_and_then_only_its_new_layer() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let scratch = std::env::temp_dir().join(unique_name("image"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    left.path(&scratch);
+    let scratch = left.temp_dir("image");
 
     // Base: the counter's rootfs plus 2 MiB of its own, on node1 only.
     let tag = unique_name("img").to_lowercase();
@@ -524,9 +528,7 @@ fn binds_devices_and_privileged_are_refused_while_the_container_runs() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let host_dir = std::env::temp_dir().join(unique_name("bind"));
-    std::fs::create_dir_all(&host_dir).unwrap();
-    left.path(&host_dir);
+    let host_dir = left.temp_dir("bind");
     let bind = format!("{}:/bound", host_dir.display());
 
     let cases: [(&str, Vec<&str>, Option<Value>, &str); 4] = [

@@ -1108,6 +1108,12 @@ mod tests {
         assert_eq!(describe_tree(dest.path()), describe_tree(src.path()));
     }
 
+    fn pack_refusal(dir: &Path, kind: TreeKind) -> String {
+        pack_to_vec(dir, kind)
+            .expect_err("the tree should be refused")
+            .to_string()
+    }
+
     #[test]
     fn pack_refuses_what_cannot_travel_naming_it() {
         if !is_root() {
@@ -1116,9 +1122,7 @@ mod tests {
         }
         let src = TempDir::new("rootfs-refuse");
         nix::sys::stat::mknod(&src.join("wh"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Volume)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Volume);
         assert!(
             err.contains("wh") && err.contains("character device"),
             "{err}"
@@ -1127,9 +1131,7 @@ mod tests {
         let src = TempDir::new("rootfs-refuse-dev");
         let null = nix::sys::stat::makedev(1, 3);
         nix::sys::stat::mknod(&src.join("null"), SFlag::S_IFCHR, Mode::empty(), null).unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Upper)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Upper);
         assert!(
             err.contains("null") && err.contains("character device"),
             "{err}"
@@ -1138,9 +1140,7 @@ mod tests {
         let src = TempDir::new("rootfs-refuse-redirect");
         fs::create_dir(src.join("moved")).unwrap();
         xattr::set(&src.join("moved"), "trusted.overlay.redirect", b"/old").unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Upper)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Upper);
         assert!(
             err.contains("moved") && err.contains("trusted.overlay.redirect"),
             "{err}"
@@ -1217,45 +1217,31 @@ mod tests {
 
     #[test]
     fn refuses_links_devices_and_non_whiteout_char_devices() {
-        let cases: Vec<(Vec<u8>, TreeKind, &str)> = vec![
+        let cases: [(fn(&mut Vec<u8>), TreeKind, &str); 4] = [
             (
-                {
-                    let mut t = Vec::new();
-                    raw_entry(&mut t, b"h", EntryType::Link, b"/etc/passwd", b"");
-                    t
-                },
+                |t| raw_entry(t, b"h", EntryType::Link, b"/etc/passwd", b""),
                 TreeKind::Upper,
                 "hard link",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"null", EntryType::Char, 1, 3);
-                    t
-                },
+                |t| device(t, b"null", EntryType::Char, 1, 3),
                 TreeKind::Upper,
                 "character devices",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"sda", EntryType::Block, 8, 0);
-                    t
-                },
+                |t| device(t, b"sda", EntryType::Block, 8, 0),
                 TreeKind::Upper,
                 "block device",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"wh", EntryType::Char, 0, 0);
-                    t
-                },
+                |t| device(t, b"wh", EntryType::Char, 0, 0),
                 TreeKind::Volume,
                 "character devices",
             ),
         ];
-        for (mut t, kind, what) in cases {
+        for (entry, kind, what) in cases {
+            let mut t = Vec::new();
+            entry(&mut t);
             end_archive(&mut t);
             let (err, left) = refused(&t, kind);
             assert!(err.contains(what), "{what}: {err}");

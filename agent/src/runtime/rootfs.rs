@@ -1217,7 +1217,8 @@ mod tests {
 
     #[test]
     fn refuses_links_devices_and_non_whiteout_char_devices() {
-        let cases: [(fn(&mut Vec<u8>), TreeKind, &str); 4] = [
+        type AddEntry = fn(&mut Vec<u8>);
+        let cases: [(AddEntry, TreeKind, &str); 4] = [
             (
                 |t| raw_entry(t, b"h", EntryType::Link, b"/etc/passwd", b""),
                 TreeKind::Upper,

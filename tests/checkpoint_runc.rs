@@ -53,18 +53,7 @@ fn a_runc_checkpoint_migrates_with_ferry_migrate_and_the_counter_resumes() {
     let logs = LastLogs::follow(n1, &name);
 
     let job = unique_name("job");
-    let out = fleet.ferry(
-        &[
-            "migrate", &name, "--from", "node1", "--to", "node2", "--job-id", &job,
-        ],
-        JOB_TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "ferry migrate failed: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    fleet.cli_migrate_1_to_2(&name, &job);
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "succeeded", "{status}");
     assert_via_runc(&status);

@@ -249,18 +249,7 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
     let name = source.name.clone();
 
     let job = unique_name("job");
-    let out = fleet.ferry(
-        &[
-            "migrate", &name, "--from", "node1", "--to", "node2", "--job-id", &job,
-        ],
-        JOB_TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "ferry migrate failed: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    let out = fleet.cli_migrate_1_to_2(&name, &job);
     assert!(out.stdout.contains("succeeded"), "summary: {}", out.stdout);
     assert!(
         out.stderr.contains("transfer"),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_tests::broker::Broker;
+use ferry_tests::broker::{line_buffered, plain_agent_args, Broker};
 use ferry_tests::fleet::{stop_child, AgentOptions, DevFleet, Fleet};
 use ferry_tests::{
     memhog_ready, parse_memhog, run_with_timeout, unique_name, wait_for, Bed, COUNTER_IMAGE,
@@ -112,17 +112,11 @@ impl Broker for OwnBroker {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--topic-root".into(),
-            self.root.clone(),
-            "--insecure".into(),
-        ]
+        plain_agent_args(&self.root)
     }
 
     fn client(&self, tool: &str) -> Command {
-        let mut c = Command::new("stdbuf");
-        c.args(["-oL", tool, "-h", "127.0.0.1", "-p", &self.port.to_string()]);
-        c
+        line_buffered(tool, "127.0.0.1", &self.port.to_string())
     }
 }
 

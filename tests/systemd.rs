@@ -171,6 +171,16 @@ impl Machine {
         .stdout
     }
 
+    /// Sends `signal` to the agent's main process and waits until systemd
+    /// has restarted it; the time from the signal to the restart.
+    fn kill_main_until_restarted(&self, signal: &str) -> Duration {
+        let s = self.show();
+        let (old_pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].parse().unwrap_or(0));
+        let t0 = Instant::now();
+        self.run(&["systemctl", "kill", "--kill-whom=main", "-s", signal, UNIT]);
+        self.wait_restarted(&old_pid, restarts, t0)
+    }
+
     /// Waits until the unit is active again with a main pid other than
     /// `old_pid` and one restart more than `restarts`; the time it took.
     fn wait_restarted(&self, old_pid: &str, restarts: u64, t0: Instant) -> Duration {
@@ -443,18 +453,7 @@ fn the_deb_under_a_real_systemd_runs_migrates_and_is_removed_cleanly() {
     );
 
     // The watchdog: a stopped agent is killed and restarted.
-    let s = machine.show();
-    let (old_pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].parse().unwrap_or(0));
-    let t0 = Instant::now();
-    machine.run(&[
-        "systemctl",
-        "kill",
-        "--kill-whom=main",
-        "-s",
-        "SIGSTOP",
-        UNIT,
-    ]);
-    let took = machine.wait_restarted(&old_pid, restarts, t0);
+    let took = machine.kill_main_until_restarted("SIGSTOP");
     let journal = machine.journal();
     assert!(
         journal.contains("Watchdog timeout"),
@@ -521,18 +520,7 @@ fn the_deb_under_a_real_systemd_runs_migrates_and_is_removed_cleanly() {
 
     // kill -9: systemd restarts it.
     machine.run(&["systemctl", "start", UNIT]);
-    let s = machine.show();
-    let (old_pid, restarts) = (s["MainPID"].clone(), s["NRestarts"].parse().unwrap_or(0));
-    let t0 = Instant::now();
-    machine.run(&[
-        "systemctl",
-        "kill",
-        "--kill-whom=main",
-        "-s",
-        "SIGKILL",
-        UNIT,
-    ]);
-    let took = machine.wait_restarted(&old_pid, restarts, t0);
+    let took = machine.kill_main_until_restarted("SIGKILL");
     let journal = machine.journal();
     assert!(
         journal.contains("status=9/KILL"),

@@ -56,6 +56,14 @@ impl Leftovers {
     fn path(&self, p: &Path) {
         self.paths.lock().unwrap().push(p.into());
     }
+
+    /// A new folder under the system temp dir, removed with the rest.
+    fn temp_dir(&self, tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.path(&dir);
+        dir
+    }
 }
 
 impl Drop for Leftovers {
@@ -182,9 +190,7 @@ fn start_writer(fleet: &DevFleet, left: &Leftovers, opts: &[&str]) -> Writer {
     let c = fleet.run_opts(1, "writer", WRITER_IMAGE, &all, &[]);
     let anon = volume_at(&c.node, &c.name, "/vol");
     left.volume(&anon);
-    let scratch = std::env::temp_dir().join(unique_name("scratch"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    left.path(&scratch);
+    let scratch = left.temp_dir("scratch");
     let src = scratch.join("hello");
     std::fs::write(&src, NAMED_FILE).unwrap();
     c.node.docker_ok(&[
@@ -358,12 +364,7 @@ fn image_id(node: &Node, reference: &str) -> Option<String> {
 fn migrate_counter_of(fleet: &DevFleet, image: &str) -> u64 {
     let (n1, n2) = (fleet.node(1), fleet.node(2));
     let c = fleet.run(1, "img", image, &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let logs = LastLogs::follow(n1, &c.name);
     let (out, status) = ferry_migrate(fleet, &c, 2, &[]);
     assert!(out.status.success(), "ferry migrate: {}", out.stderr);
@@ -389,9 +390,7 @@ fn an_image_only_the_source_has_travels_and_then_only_its_new_layer() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let scratch = std::env::temp_dir().join(unique_name("image"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    left.path(&scratch);
+    let scratch = left.temp_dir("image");
 
     // Base: the counter's rootfs plus 2 MiB of its own, on node1 only.
     let tag = unique_name("img").to_lowercase();
@@ -454,12 +453,7 @@ fn restart_always_never_restarts_the_original_and_the_target_keeps_it() {
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
     let c = fleet.run_opts(1, "always", COUNTER_IMAGE, &["--restart", "always"], &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let started = inspect(n1, &c.name, "{{.State.StartedAt}}");
 
     // Watch the original on node1 until it is gone: never started again.
@@ -534,9 +528,7 @@ fn binds_devices_and_privileged_are_refused_while_the_container_runs() {
     let _a1 = fleet.start_agent(1);
     let _a2 = fleet.start_agent(2);
     let (n1, n2) = (fleet.node(1), fleet.node(2));
-    let host_dir = std::env::temp_dir().join(unique_name("bind"));
-    std::fs::create_dir_all(&host_dir).unwrap();
-    left.path(&host_dir);
+    let host_dir = left.temp_dir("bind");
     let bind = format!("{}:/bound", host_dir.display());
 
     let cases: [(&str, Vec<&str>, Option<Value>, &str); 4] = [
@@ -594,12 +586,7 @@ fn binds_devices_and_privileged_are_refused_while_the_container_runs() {
     // With bind_mounts "present", a bind mount moves (the path exists on
     // node2: both nodes share this host).
     let c = fleet.run_opts(1, "bound", COUNTER_IMAGE, &["-v", &bind], &[]);
-    wait_for("counter printing", WAIT, || {
-        let v = parse_counter(&c.logs())?;
-        (v.len() >= 5)
-            .then_some(())
-            .ok_or(format!("{} values", v.len()))
-    });
+    c.wait_counting(WAIT);
     let (out, status) = ferry_migrate(&fleet, &c, 2, &["--bind-mounts", "present"]);
     assert!(
         out.status.success(),

@@ -23,8 +23,7 @@ use crate::migration::{
     RegisterError, TcpDialer, Timeouts,
 };
 use crate::mqtt::contract::{
-    self, Accepted, JobRequest, JobState, JobStatus, NodeStatus, RateSpec, Rejected, Role,
-    TopicKind, Topics,
+    self, Accepted, JobRequest, JobState, NodeStatus, RateSpec, Rejected, Role, TopicKind, Topics,
 };
 use crate::mqtt::{self, Ack, ClientSettings, Inbound, JobLedger, MqttHandle};
 use crate::runtime::{Deadlines, Docker, Engine, EngineDeadlines};
@@ -418,15 +417,7 @@ impl Agent {
 /// `queued` with its place in line. False if it was canceled meanwhile
 /// (its final status published).
 async fn wait_in_line<E: Engine>(node: &Node<E>, job: &MigrateJob, guard: &JobGuard) -> bool {
-    let mut status = JobStatus::new(
-        &job.job_id,
-        &node.id,
-        Role::Source,
-        &job.container,
-        &node.id,
-        &job.target,
-        now_ms(),
-    );
+    let mut status = source::first_status(&node.id, job);
     let mut position = guard.position();
     while position > 0 {
         info!(job = %job.job_id, position, "queued behind another migration");

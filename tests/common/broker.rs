@@ -47,10 +47,16 @@ pub trait Broker: Sized {
 
 /// Line-buffered: `mosquitto_sub -d` prints the SUBACK into a pipe, where
 /// it would otherwise wait until a message arrives.
-fn line_buffered(tool: &str, host: &str, port: &str) -> Command {
+pub fn line_buffered(tool: &str, host: &str, port: &str) -> Command {
     let mut c = Command::new("stdbuf");
     c.args(["-oL", tool, "-h", host, "-p", port]);
     c
+}
+
+/// What `ferry agent` needs for a plain (no TLS) broker: the topic root
+/// and `--insecure`.
+pub fn plain_agent_args(root: &str) -> Vec<String> {
+    vec!["--topic-root".into(), root.into(), "--insecure".into()]
 }
 
 /// The bed's plain dev listener.
@@ -86,11 +92,7 @@ impl Broker for DevBroker {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--topic-root".into(),
-            self.root.clone(),
-            "--insecure".into(),
-        ]
+        plain_agent_args(&self.root)
     }
 
     fn client(&self, tool: &str) -> Command {

@@ -410,12 +410,7 @@ impl<B: Broker> Fleet<B> {
     /// values.
     pub fn start_counter(&self, n: usize) -> Container {
         let source = self.run(n, "counter", COUNTER_IMAGE, &[]);
-        wait_for("counter printing", REPLY_TIMEOUT, || {
-            let v = parse_counter(&source.logs())?;
-            (v.len() >= 5)
-                .then_some(())
-                .ok_or(format!("{} values", v.len()))
-        });
+        source.wait_counting(REPLY_TIMEOUT);
         source
     }
 
@@ -564,6 +559,24 @@ impl Fleet<DevBroker> {
             timeout,
         )
         .expect("run ferry")
+    }
+
+    /// `ferry migrate` of `container` from node1 to node2 as job `job`,
+    /// through the CLI; fails the test unless the command succeeds.
+    pub fn cli_migrate_1_to_2(&self, container: &str, job: &str) -> CmdOutput {
+        let out = self.ferry(
+            &[
+                "migrate", container, "--from", "node1", "--to", "node2", "--job-id", job,
+            ],
+            JOB_TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "ferry migrate failed: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        out
     }
 }
 

@@ -500,6 +500,16 @@ impl Container {
         self.node.logs(&self.id)
     }
 
+    /// Waits until this counter has printed a few values.
+    pub fn wait_counting(&self, timeout: Duration) {
+        wait_for("counter printing", timeout, || {
+            let v = parse_counter(&self.logs())?;
+            (v.len() >= 5)
+                .then_some(())
+                .ok_or(format!("{} values", v.len()))
+        });
+    }
+
     pub fn is_running(&self) -> bool {
         self.node.is_running(&self.id)
     }

@@ -76,17 +76,22 @@ async fn tcp_plan<E: Engine>(
     })
 }
 
-/// Runs the job to its final state; `guard` keeps it registered meanwhile.
-pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard) -> JobStatus {
-    let status = JobStatus::new(
+/// The status a source publishes for `job` before anything has happened.
+pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
+    JobStatus::new(
         &job.job_id,
-        &node.id,
+        node_id,
         Role::Source,
         &job.container,
-        &node.id,
+        node_id,
         &job.target,
         now_ms(),
-    );
+    )
+}
+
+/// Runs the job to its final state; `guard` keeps it registered meanwhile.
+pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard) -> JobStatus {
+    let status = first_status(&node.id, &job);
     let mut machine = SourceMachine::new(status, now_ms());
     let mut driver = Driver {
         node: &node,

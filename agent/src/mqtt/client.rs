@@ -387,6 +387,14 @@ impl fmt::Debug for MqttHandle {
     }
 }
 
+/// `value` as the JSON payload of a publish on `topic`.
+fn encode<T: Serialize + ?Sized>(topic: &str, value: &T) -> Result<Vec<u8>, MqttError> {
+    serde_json::to_vec(value).map_err(|source| MqttError::Encode {
+        topic: topic.to_owned(),
+        source,
+    })
+}
+
 impl MqttHandle {
     /// Sets the retained status on `topic` to `value` (JSON, QoS 1) without
     /// waiting: the connection task sends the latest value when it can.
@@ -398,10 +406,7 @@ impl MqttHandle {
         value: &T,
         live: bool,
     ) -> Result<(), MqttError> {
-        let payload = serde_json::to_vec(value).map_err(|source| MqttError::Encode {
-            topic: topic.to_owned(),
-            source,
-        })?;
+        let payload = encode(topic, value)?;
         check_publish(topic, payload.len())?;
         self.board.set(topic, payload, live);
         Ok(())
@@ -434,10 +439,7 @@ impl MqttHandle {
         value: &T,
         retain: bool,
     ) -> Result<(), MqttError> {
-        let payload = serde_json::to_vec(value).map_err(|source| MqttError::Encode {
-            topic: topic.to_owned(),
-            source,
-        })?;
+        let payload = encode(topic, value)?;
         self.publish_raw(topic, payload, retain).await
     }
 
@@ -886,49 +888,34 @@ mod tests {
 
     #[test]
     fn settings_are_validated_before_rumqttc_sees_them() {
+        let refusal = |s: &ClientSettings| s.validate().unwrap_err().to_string();
         let ok = ClientSettings::new(url("mqtt://b"), "node-a");
         ok.validate().unwrap();
         assert!(!ok.clean_session);
 
         let mut s = ok.clone();
         s.client_id = String::new();
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .starts_with("invalid client id \"\""));
+        assert!(refusal(&s).starts_with("invalid client id \"\""));
 
         let mut s = ok.clone();
         s.keep_alive = Duration::from_millis(500);
-        assert!(s.validate().unwrap_err().to_string().contains("keep_alive"));
+        assert!(refusal(&s).contains("keep_alive"));
 
         let mut s = ok.clone();
         s.url = url("mqtts://b");
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("needs a TLS client config"));
+        assert!(refusal(&s).contains("needs a TLS client config"));
         s.tls = Some(tls_config());
         s.validate().unwrap();
         s.url = url("mqtt://b");
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("plain url mqtt://b:1883"));
+        assert!(refusal(&s).contains("plain url mqtt://b:1883"));
 
         let mut s = ok.clone();
         s.subscriptions = vec!["ferry/v1/a/jobs/+".into(), "ferry/#/x".into()];
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("invalid subscription filter \"ferry/#/x\""));
+        assert!(refusal(&s).contains("invalid subscription filter \"ferry/#/x\""));
 
         let mut s = ok;
         s.last_will = Some(("ferry/v1/+/status".into(), b"{}".to_vec(), true));
-        assert!(s.validate().unwrap_err().to_string().contains("wildcards"));
+        assert!(refusal(&s).contains("wildcards"));
     }
 
     #[test]

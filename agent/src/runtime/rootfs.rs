@@ -18,11 +18,11 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AtFlags, AT_FDCWD};
 use nix::libc;
@@ -32,9 +32,11 @@ use nix::unistd::{fchownat, Gid, Uid};
 use tar::{EntryType, Header, HeaderMode};
 
 use super::state::StateError;
+use crate::stream::tarcore::{
+    check_end, copy_entry, create_new_file, describe, make_dirs, read_long_name,
+    safe_relative_path, CappedReader, CopyError, CountingWriter, MAX_NAME_BYTES, TAKEN,
+};
 
-/// Longest GNU long name or link accepted; Linux's PATH_MAX.
-const MAX_NAME_BYTES: u64 = 4096;
 /// Largest pax extension header accepted (xattrs of one entry).
 const MAX_PAX_BYTES: u64 = 64 * 1024;
 const PAX_XATTR: &str = "SCHILY.xattr.";
@@ -46,7 +48,8 @@ const OVERLAY_SKIPPED: [&str; 4] = [
     "trusted.overlay.uuid",
     "trusted.overlay.nlink",
 ];
-const COPY_BUF: usize = 64 * 1024;
+/// Mode of the folders an apply creates before their own entry sets it.
+const DIR_MODE: u32 = 0o700;
 
 /// Which tree a tar describes; decides which entry kinds it may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +116,7 @@ pub fn pack_tree(dir: &Path, kind: TreeKind, out: impl Write) -> Result<PackStat
         });
     }
     let mut packer = Packer {
-        builder: tar::Builder::new(Counting {
-            inner: out,
-            count: 0,
-        }),
+        builder: tar::Builder::new(CountingWriter::new(out)),
         root: dir,
         kind,
         stats: PackStats::default(),
@@ -128,7 +128,24 @@ pub fn pack_tree(dir: &Path, kind: TreeKind, out: impl Write) -> Result<PackStat
         .builder
         .into_inner()
         .map_err(|e| StateError::io(dir, "finishing the tar of", e))?;
-    stats.tar_bytes = counted.count;
+    stats.tar_bytes = counted.count();
+    Ok(stats)
+}
+
+/// [`pack_tree`] into the file `out` (its folder created if missing),
+/// synced to disk before it returns.
+pub fn pack_tree_to_file(dir: &Path, kind: TreeKind, out: &Path) -> Result<PackStats, StateError> {
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).map_err(|e| StateError::io(parent, "creating", e))?;
+    }
+    let file = File::create(out).map_err(|e| StateError::io(out, "creating", e))?;
+    let mut w = io::BufWriter::with_capacity(1 << 20, file);
+    let stats = pack_tree(dir, kind, &mut w)?;
+    let file = w
+        .into_inner()
+        .map_err(|e| StateError::io(out, "writing", e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| StateError::io(out, "syncing", e))?;
     Ok(stats)
 }
 
@@ -159,7 +176,7 @@ pub fn tree_tar_estimate(dir: &Path) -> u64 {
 }
 
 struct Packer<'a, W: Write> {
-    builder: tar::Builder<Counting<W>>,
+    builder: tar::Builder<CountingWriter<W>>,
     root: &'a Path,
     kind: TreeKind,
     stats: PackStats,
@@ -366,23 +383,6 @@ fn xattr_allowed(name: &str, value: &[u8], kind: TreeKind, is_dir: bool) -> Resu
     Err(format!("xattr {name} cannot travel"))
 }
 
-struct Counting<W> {
-    inner: W,
-    count: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Applies a tar made by [`pack_tree`] onto `dest`, an existing folder (an
 /// empty upper folder, or an emptied volume). The input is read to its end.
 pub fn apply_tree(
@@ -398,11 +398,7 @@ pub fn apply_tree(
             reason: "the destination is not a folder".into(),
         });
     }
-    let mut input = Capped {
-        inner: input,
-        count: 0,
-        cap: limits.max_total_bytes,
-    };
+    let mut input = CappedReader::new(input, limits.max_total_bytes);
     let mut applier = Applier {
         dest,
         kind,
@@ -445,7 +441,7 @@ pub fn apply_tree(
             "an extension header ends the archive".into(),
         ));
     }
-    drain_end(&mut input)?;
+    check_end(&mut input).map_err(StateError::Archive)?;
     applier.finish_dirs()?;
     Ok(applier.stats)
 }
@@ -475,15 +471,10 @@ impl Pending {
                 "{what} header of {size} bytes is over {cap}"
             )));
         }
-        let mut data = Vec::with_capacity(size as usize);
-        entry
-            .read_to_end(&mut data)
+        let data = read_long_name(entry, size)
             .map_err(|e| StateError::Archive(format!("reading a {what} header: {e}")))?;
         if etype.is_pax_local_extensions() {
             return self.pax(&data);
-        }
-        while data.last() == Some(&0) {
-            data.pop();
         }
         let slot = if etype.is_gnu_longname() {
             &mut self.name
@@ -603,31 +594,23 @@ impl Applier<'_> {
             return Err(refuse("only a folder may name the root".into()));
         }
         if let Some(parent) = rel.parent() {
-            make_dirs(self.dest, parent).map_err(refuse)?;
+            make_dirs(self.dest, parent, DIR_MODE).map_err(refuse)?;
         }
         let path = self.dest.join(&rel);
         match etype {
             EntryType::Directory => {
-                make_dirs(self.dest, &rel).map_err(refuse)?;
+                make_dirs(self.dest, &rel, DIR_MODE).map_err(refuse)?;
                 self.finish(&path, owner, &xattrs, None)?;
                 self.dirs.push((path, mode, mtime));
                 self.stats.dirs += 1;
             }
             t if t.is_file() => {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::AlreadyExists => {
-                            refuse("duplicate entry, or the path already exists".into())
-                        }
-                        _ => EntryError::State(StateError::io(&path, "creating", e)),
-                    })?;
+                let file = create_new_file(&path, 0o600).map_err(|e| created_err(&path, e))?;
                 let size = entry.size();
-                let written = copy_entry(entry, &file, &path)?;
+                let written = copy_entry(entry, &file).map_err(|e| match e {
+                    CopyError::Read(e) => refuse(format!("reading its data: {e}")),
+                    CopyError::Write(e) => EntryError::State(StateError::io(&path, "writing", e)),
+                })?;
                 if written != size {
                     return Err(refuse(format!("truncated: {written} of {size} bytes")));
                 }
@@ -640,14 +623,8 @@ impl Applier<'_> {
                 if target.is_empty() || target.contains(&0) {
                     return Err(refuse("bad symlink target".into()));
                 }
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(
-                    |e| match e.kind() {
-                        io::ErrorKind::AlreadyExists => {
-                            refuse("duplicate entry, or the path already exists".into())
-                        }
-                        _ => EntryError::State(StateError::io(&path, "creating", e)),
-                    },
-                )?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
+                    .map_err(|e| created_err(&path, e))?;
                 self.finish(&path, owner, &xattrs, None)?;
                 set_mtime(&path, mtime)?;
                 self.stats.symlinks += 1;
@@ -721,12 +698,16 @@ impl Applier<'_> {
     }
 }
 
-fn mknod_err(path: &Path, e: nix::Error) -> EntryError {
-    if e == nix::Error::EEXIST {
-        EntryError::Refused("duplicate entry, or the path already exists".into())
-    } else {
-        EntryError::State(StateError::io(path, "creating", e.into()))
+/// A failed create: a refusal when the path is taken, else our own error.
+fn created_err(path: &Path, e: io::Error) -> EntryError {
+    match e.kind() {
+        io::ErrorKind::AlreadyExists => EntryError::Refused(TAKEN.into()),
+        _ => EntryError::State(StateError::io(path, "creating", e)),
     }
+}
+
+fn mknod_err(path: &Path, e: nix::Error) -> EntryError {
+    created_err(path, e.into())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), StateError> {
@@ -750,120 +731,6 @@ fn set_mtime(path: &Path, mtime: TimeSpec) -> Result<(), StateError> {
         UtimensatFlags::NoFollowSymlink,
     )
     .map_err(|e| StateError::io(path, "setting the mtime of", e.into()))
-}
-
-fn copy_entry(entry: &mut impl Read, mut file: &File, path: &Path) -> Result<u64, EntryError> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut written = 0u64;
-    loop {
-        let n = match entry.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(EntryError::Refused(format!("reading its data: {e}"))),
-        };
-        file.write_all(&buf[..n])
-            .map_err(|e| EntryError::State(StateError::io(path, "writing", e)))?;
-        written += n as u64;
-    }
-    Ok(written)
-}
-
-/// The rest of the input after the end-of-archive block must be zeros.
-fn drain_end(input: &mut impl Read) -> Result<(), StateError> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut zeros = 0u64;
-    loop {
-        let n = input
-            .read(&mut buf)
-            .map_err(|e| StateError::Archive(format!("reading the end of the archive: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|b| *b != 0) {
-            return Err(StateError::Archive(
-                "data after the end of the archive".into(),
-            ));
-        }
-        zeros += n as u64;
-    }
-    if zeros < 512 {
-        return Err(StateError::Archive(
-            "no end-of-archive marker: the archive is truncated".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The entry's path as a relative path of plain components, or why not.
-fn safe_relative_path(name: &[u8]) -> Result<PathBuf, String> {
-    if name.contains(&0) {
-        return Err("path contains a NUL byte".into());
-    }
-    let mut rel = PathBuf::new();
-    for component in Path::new(OsStr::from_bytes(name)).components() {
-        match component {
-            Component::Normal(part) => rel.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("path contains '..'".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
-        }
-    }
-    Ok(rel)
-}
-
-/// Creates each folder of `rel` under `dest`; an existing one must be a real
-/// folder, never a symlink, a file or a whiteout.
-fn make_dirs(dest: &Path, rel: &Path) -> Result<(), String> {
-    let mut path = dest.to_path_buf();
-    for part in rel.components() {
-        path.push(part);
-        match DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let meta = fs::symlink_metadata(&path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
-                if !meta.is_dir() {
-                    return Err(format!("{} exists and is not a folder", path.display()));
-                }
-            }
-            Err(e) => return Err(format!("creating {}: {e}", path.display())),
-        }
-    }
-    Ok(())
-}
-
-fn describe(t: EntryType) -> String {
-    match t {
-        EntryType::Link => "hard link".into(),
-        EntryType::Block => "block device".into(),
-        EntryType::XGlobalHeader => "global pax header".into(),
-        EntryType::GNUSparse => "sparse file".into(),
-        other => format!("type {:?}", other.as_byte() as char),
-    }
-}
-
-/// Fails once more than `cap` bytes were read.
-struct Capped<R> {
-    inner: R,
-    count: u64,
-    cap: u64,
-}
-
-impl<R: Read> Read for Capped<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let room = self.cap.saturating_sub(self.count).saturating_add(1);
-        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..want])?;
-        self.count += n as u64;
-        if self.count > self.cap {
-            return Err(io::Error::other(format!(
-                "more than the cap of {} bytes",
-                self.cap
-            )));
-        }
-        Ok(n)
-    }
 }
 
 /// The few xattr calls needed, on paths, never following a symlink (nix has
@@ -989,21 +856,7 @@ impl super::Docker {
     pub async fn pack_rootfs(&self, id: &str, out: &Path) -> Result<PackStats, StateError> {
         let upper = self.upper_dir(id).await?;
         let out = out.to_path_buf();
-        super::volumes::blocking(move || {
-            if let Some(parent) = out.parent() {
-                fs::create_dir_all(parent).map_err(|e| StateError::io(parent, "creating", e))?;
-            }
-            let file = File::create(&out).map_err(|e| StateError::io(&out, "creating", e))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, file);
-            let stats = pack_tree(&upper, TreeKind::Upper, &mut w)?;
-            let file = w
-                .into_inner()
-                .map_err(|e| StateError::io(&out, "writing", e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| StateError::io(&out, "syncing", e))?;
-            Ok(stats)
-        })
-        .await
+        super::volumes::blocking(move || pack_tree_to_file(&upper, TreeKind::Upper, &out)).await
     }
 
     /// Target, before the restore: applies a [`Docker::pack_rootfs`] tar to
@@ -1031,7 +884,7 @@ impl super::Docker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::testutil::{noise, TempDir};
+    use crate::stream::testutil::{end_archive, noise, raw_entry, TempDir};
     use std::os::unix::fs::{symlink, PermissionsExt};
 
     /// Whiteouts, trusted xattrs and foreign owners need root (the agent
@@ -1255,6 +1108,12 @@ mod tests {
         assert_eq!(describe_tree(dest.path()), describe_tree(src.path()));
     }
 
+    fn pack_refusal(dir: &Path, kind: TreeKind) -> String {
+        pack_to_vec(dir, kind)
+            .expect_err("the tree should be refused")
+            .to_string()
+    }
+
     #[test]
     fn pack_refuses_what_cannot_travel_naming_it() {
         if !is_root() {
@@ -1263,9 +1122,7 @@ mod tests {
         }
         let src = TempDir::new("rootfs-refuse");
         nix::sys::stat::mknod(&src.join("wh"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Volume)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Volume);
         assert!(
             err.contains("wh") && err.contains("character device"),
             "{err}"
@@ -1274,9 +1131,7 @@ mod tests {
         let src = TempDir::new("rootfs-refuse-dev");
         let null = nix::sys::stat::makedev(1, 3);
         nix::sys::stat::mknod(&src.join("null"), SFlag::S_IFCHR, Mode::empty(), null).unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Upper)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Upper);
         assert!(
             err.contains("null") && err.contains("character device"),
             "{err}"
@@ -1285,9 +1140,7 @@ mod tests {
         let src = TempDir::new("rootfs-refuse-redirect");
         fs::create_dir(src.join("moved")).unwrap();
         xattr::set(&src.join("moved"), "trusted.overlay.redirect", b"/old").unwrap();
-        let err = pack_to_vec(src.path(), TreeKind::Upper)
-            .unwrap_err()
-            .to_string();
+        let err = pack_refusal(src.path(), TreeKind::Upper);
         assert!(
             err.contains("moved") && err.contains("trusted.overlay.redirect"),
             "{err}"
@@ -1295,23 +1148,6 @@ mod tests {
     }
 
     // Hostile archives ------------------------------------------------------
-
-    fn raw(out: &mut Vec<u8>, name: &[u8], etype: EntryType, link: &[u8], data: &[u8]) {
-        let mut header = Header::new_gnu();
-        let old = header.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name);
-        old.linkname[..link.len()].copy_from_slice(link);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_size(data.len() as u64);
-        header.set_entry_type(etype);
-        header.set_cksum();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
 
     fn device(out: &mut Vec<u8>, name: &[u8], etype: EntryType, major: u32, minor: u32) {
         let mut header = Header::new_gnu();
@@ -1333,11 +1169,7 @@ mod tests {
         for (k, v) in records {
             pax_record(&mut data, k, v);
         }
-        raw(out, b"././@PaxHeader", EntryType::XHeader, b"", &data);
-    }
-
-    fn end(out: &mut Vec<u8>) {
-        out.extend_from_slice(&[0u8; 1024]);
+        raw_entry(out, b"././@PaxHeader", EntryType::XHeader, b"", &data);
     }
 
     /// Applies into a fresh `root/dest`, expecting a refusal; returns it and
@@ -1355,8 +1187,8 @@ mod tests {
     fn refuses_paths_out_of_the_destination() {
         for name in [&b"../escaped"[..], b"a/../../escaped", b"/etc/x"] {
             let mut t = Vec::new();
-            raw(&mut t, name, EntryType::Regular, b"", b"evil");
-            end(&mut t);
+            raw_entry(&mut t, name, EntryType::Regular, b"", b"evil");
+            end_archive(&mut t);
             let (err, left) = refused(&t, TreeKind::Upper);
             assert!(err.contains(&*String::from_utf8_lossy(name)), "{err}");
             assert_eq!(left, vec!["dest".to_string()]);
@@ -1367,64 +1199,51 @@ mod tests {
     fn never_writes_through_a_symlink_it_created() {
         for second in [&b"l/x"[..], b"l"] {
             let mut t = Vec::new();
-            raw(&mut t, b"l", EntryType::Symlink, b"/tmp", b"");
-            raw(&mut t, second, EntryType::Regular, b"", b"through the link");
-            end(&mut t);
+            raw_entry(&mut t, b"l", EntryType::Symlink, b"/tmp", b"");
+            raw_entry(&mut t, second, EntryType::Regular, b"", b"through the link");
+            end_archive(&mut t);
             let (err, left) = refused(&t, TreeKind::Upper);
             assert!(err.contains(&*String::from_utf8_lossy(second)), "{err}");
             assert_eq!(left, vec!["dest".to_string(), "dest/l".to_string()]);
         }
         // A folder entry over the symlink is refused too.
         let mut t = Vec::new();
-        raw(&mut t, b"l", EntryType::Symlink, b"/tmp", b"");
-        raw(&mut t, b"l", EntryType::Directory, b"", b"");
-        end(&mut t);
+        raw_entry(&mut t, b"l", EntryType::Symlink, b"/tmp", b"");
+        raw_entry(&mut t, b"l", EntryType::Directory, b"", b"");
+        end_archive(&mut t);
         let (err, _) = refused(&t, TreeKind::Upper);
         assert!(err.contains("not a folder"), "{err}");
     }
 
     #[test]
     fn refuses_links_devices_and_non_whiteout_char_devices() {
-        let cases: Vec<(Vec<u8>, TreeKind, &str)> = vec![
+        type AddEntry = fn(&mut Vec<u8>);
+        let cases: [(AddEntry, TreeKind, &str); 4] = [
             (
-                {
-                    let mut t = Vec::new();
-                    raw(&mut t, b"h", EntryType::Link, b"/etc/passwd", b"");
-                    t
-                },
+                |t| raw_entry(t, b"h", EntryType::Link, b"/etc/passwd", b""),
                 TreeKind::Upper,
                 "hard link",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"null", EntryType::Char, 1, 3);
-                    t
-                },
+                |t| device(t, b"null", EntryType::Char, 1, 3),
                 TreeKind::Upper,
                 "character devices",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"sda", EntryType::Block, 8, 0);
-                    t
-                },
+                |t| device(t, b"sda", EntryType::Block, 8, 0),
                 TreeKind::Upper,
                 "block device",
             ),
             (
-                {
-                    let mut t = Vec::new();
-                    device(&mut t, b"wh", EntryType::Char, 0, 0);
-                    t
-                },
+                |t| device(t, b"wh", EntryType::Char, 0, 0),
                 TreeKind::Volume,
                 "character devices",
             ),
         ];
-        for (mut t, kind, what) in cases {
-            end(&mut t);
+        for (entry, kind, what) in cases {
+            let mut t = Vec::new();
+            entry(&mut t);
+            end_archive(&mut t);
             let (err, left) = refused(&t, kind);
             assert!(err.contains(what), "{what}: {err}");
             assert_eq!(left, vec!["dest".to_string()], "{what}");
@@ -1468,8 +1287,8 @@ mod tests {
         for (name, value, etype, kind) in cases {
             let mut t = Vec::new();
             pax(&mut t, &[(&format!("{PAX_XATTR}{name}"), value)]);
-            raw(&mut t, b"thing", etype, b"", b"");
-            end(&mut t);
+            raw_entry(&mut t, b"thing", etype, b"", b"");
+            end_archive(&mut t);
             let (err, left) = refused(&t, kind);
             assert!(err.contains(name) && err.contains("thing"), "{name}: {err}");
             assert_eq!(left, vec!["dest".to_string()], "{name}");
@@ -1477,33 +1296,33 @@ mod tests {
         // Pax records other than xattrs, and oversized pax headers.
         let mut t = Vec::new();
         pax(&mut t, &[("path", b"../../etc/passwd")]);
-        raw(&mut t, b"thing", EntryType::Regular, b"", b"");
-        end(&mut t);
+        raw_entry(&mut t, b"thing", EntryType::Regular, b"", b"");
+        end_archive(&mut t);
         assert!(refused(&t, TreeKind::Upper).0.contains("not an xattr"));
         let mut t = Vec::new();
-        raw(
+        raw_entry(
             &mut t,
             b"././@PaxHeader",
             EntryType::XHeader,
             b"",
             &vec![b'1'; 70_000],
         );
-        end(&mut t);
+        end_archive(&mut t);
         assert!(refused(&t, TreeKind::Upper).0.contains("pax header"));
     }
 
     #[test]
     fn refuses_duplicates_truncation_trailing_data_and_the_cap() {
         let mut t = Vec::new();
-        raw(&mut t, b"a", EntryType::Regular, b"", b"one");
-        raw(&mut t, b"a", EntryType::Regular, b"", b"two");
-        end(&mut t);
+        raw_entry(&mut t, b"a", EntryType::Regular, b"", b"one");
+        raw_entry(&mut t, b"a", EntryType::Regular, b"", b"two");
+        end_archive(&mut t);
         let (err, _) = refused(&t, TreeKind::Upper);
         assert!(err.contains("\"a\"") && err.contains("duplicate"), "{err}");
 
         let mut whole = Vec::new();
-        raw(&mut whole, b"a", EntryType::Regular, b"", &[1u8; 2000]);
-        end(&mut whole);
+        raw_entry(&mut whole, b"a", EntryType::Regular, b"", &[1u8; 2000]);
+        end_archive(&mut whole);
         assert!(refused(&whole[..1000], TreeKind::Upper)
             .0
             .contains("truncated"));

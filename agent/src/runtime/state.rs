@@ -237,13 +237,7 @@ impl StateEngine for super::Docker {
         container: &str,
         bind_mounts: BindMounts,
     ) -> Result<StatePlan, StateError> {
-        let (c, volumes) = self.inspect_with_volumes(container).await?;
-        super::mounts::check_mounts(&c, &volumes, bind_mounts).map_err(|refusal| {
-            StateError::Refused {
-                container: container.to_string(),
-                refusal,
-            }
-        })?;
+        let (c, volumes) = self.inspect_movable(container, bind_mounts).await?;
         let image_id = c.image.clone().unwrap_or_default();
         let reference = c
             .config

@@ -173,6 +173,17 @@ impl Docker {
         container: &str,
         bind_mounts: BindMounts,
     ) -> Result<Vec<VolumeSpec>, StateError> {
+        let (c, volumes) = self.inspect_movable(container, bind_mounts).await?;
+        Ok(volume_specs(&c, &volumes))
+    }
+
+    /// [`Self::inspect_with_volumes`], refused unless every mount of the
+    /// container can travel (or, for bind mounts, is allowed to stay).
+    pub(super) async fn inspect_movable(
+        &self,
+        container: &str,
+        bind_mounts: BindMounts,
+    ) -> Result<(ContainerInspectResponse, Vec<Volume>), StateError> {
         let (c, volumes) = self.inspect_with_volumes(container).await?;
         super::mounts::check_mounts(&c, &volumes, bind_mounts).map_err(|refusal| {
             StateError::Refused {
@@ -180,7 +191,7 @@ impl Docker {
                 refusal,
             }
         })?;
-        Ok(volume_specs(&c, &volumes))
+        Ok((c, volumes))
     }
 
     /// A local volume's folder on this node.
@@ -208,23 +219,7 @@ impl Docker {
         check_name(name)?;
         let dir = self.mountpoint(name).await?;
         let out = out.to_path_buf();
-        blocking(move || {
-            if let Some(parent) = out.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| StateError::io(parent, "creating", e))?;
-            }
-            let file =
-                std::fs::File::create(&out).map_err(|e| StateError::io(&out, "creating", e))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-            let stats = rootfs::pack_tree(&dir, TreeKind::Volume, &mut w)?;
-            let file = w
-                .into_inner()
-                .map_err(|e| StateError::io(&out, "writing", e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| StateError::io(&out, "syncing", e))?;
-            Ok(stats)
-        })
-        .await
+        blocking(move || rootfs::pack_tree_to_file(&dir, TreeKind::Volume, &out)).await
     }
 
     /// Target: creates the volumes as the source had them.

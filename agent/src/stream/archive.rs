@@ -5,22 +5,24 @@
 //! refuses links, devices, fifos, absolute or `..` paths, and anything over
 //! [`UnpackLimits`], naming the entry.
 
-use std::ffi::{OsStr, OsString};
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use nix::libc;
 use tar::{EntryType, Header, HeaderMode};
 
+use super::tarcore::{
+    check_end, copy_entry, create_new_file, describe, make_dirs, read_long_name,
+    safe_relative_path, CappedReader, CopyError, CountingWriter, MAX_NAME_BYTES, TAKEN,
+};
 use super::StreamError;
 
 const GIB: u64 = 1 << 30;
-/// Longest GNU long name accepted; Linux's PATH_MAX.
-const MAX_NAME_BYTES: u64 = 4096;
-const COPY_BUF: usize = 64 * 1024;
+/// Mode of the folders an unpack creates.
+const DIR_MODE: u32 = 0o755;
 
 /// Writes a tar of the regular files and folders under `dir` to `out`, in
 /// sorted order, and returns the number of tar bytes written. Symlinks,
@@ -34,15 +36,12 @@ pub fn pack_dir(dir: &Path, out: impl Write) -> Result<u64, StreamError> {
             reason: "not a folder".into(),
         });
     }
-    let mut builder = tar::Builder::new(CountingWriter {
-        inner: out,
-        count: 0,
-    });
+    let mut builder = tar::Builder::new(CountingWriter::new(out));
     pack_tree(&mut builder, dir, Path::new(""))?;
     let counted = builder
         .into_inner()
         .map_err(|e| StreamError::io("writing the end of the archive", e))?;
-    Ok(counted.count)
+    Ok(counted.count())
 }
 
 fn pack_tree<W: Write>(
@@ -128,23 +127,6 @@ fn kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
-struct CountingWriter<W> {
-    inner: W,
-    count: u64,
-}
-
-impl<W: Write> Write for CountingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Caps on what [`unpack_into`] accepts. The total cap counts the tar bytes
 /// actually read, so it is also the decompression cap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,17 +202,12 @@ pub fn unpack_into(
             reason: "not a folder".into(),
         });
     }
-    let mut input = CappedReader {
-        inner: input,
-        count: 0,
-        cap: limits.max_total_bytes,
-        exceeded: false,
-    };
+    let mut input = CappedReader::new(input, limits.max_total_bytes);
     let mut stats = UnpackStats::default();
     let mut current = None;
     let result = unpack_entries(&mut input, dest, limits, &mut stats, &mut current)
-        .and_then(|()| drain_end(&mut input));
-    if input.exceeded {
+        .and_then(|()| check_end(&mut input).map_err(StreamError::Archive));
+    if input.exceeded() {
         let at = current.map_or(String::new(), |e| format!(" (at entry {e:?})"));
         return Err(StreamError::Archive(format!(
             "more than the total cap of {} bytes{at}",
@@ -238,7 +215,7 @@ pub fn unpack_into(
         )));
     }
     result?;
-    stats.bytes_read = input.count;
+    stats.bytes_read = input.count();
     Ok(stats)
 }
 
@@ -278,13 +255,8 @@ fn unpack_entries<R: Read>(
                     "bad long-name header of {size} bytes"
                 )));
             }
-            let mut name = Vec::with_capacity(size as usize);
-            entry
-                .read_to_end(&mut name)
+            let name = read_long_name(&mut entry, size)
                 .map_err(|e| StreamError::Archive(format!("reading a long name: {e}")))?;
-            while name.last() == Some(&0) {
-                name.pop();
-            }
             long_name = Some(name);
             continue;
         }
@@ -301,7 +273,7 @@ fn unpack_entries<R: Read>(
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         match etype {
             EntryType::Directory => {
-                make_dirs(dest, &rel).map_err(reject)?;
+                make_dirs(dest, &rel, DIR_MODE).map_err(reject)?;
                 stats.dirs += 1;
             }
             t if t.is_file() => {
@@ -315,24 +287,18 @@ fn unpack_entries<R: Read>(
                     return Err(reject("a file needs a name".into()));
                 }
                 if let Some(parent) = rel.parent() {
-                    make_dirs(dest, parent).map_err(reject)?;
+                    make_dirs(dest, parent, DIR_MODE).map_err(reject)?;
                 }
                 let path = dest.join(&rel);
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode | 0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::AlreadyExists => {
-                            reject("duplicate entry, or the path already exists".into())
-                        }
-                        _ => StreamError::io(format!("creating {}", path.display()), e),
-                    })?;
-                let written = copy_entry(&mut entry, file, &path).map_err(|e| match e {
+                let file = create_new_file(&path, mode | 0o600).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => reject(TAKEN.into()),
+                    _ => StreamError::io(format!("creating {}", path.display()), e),
+                })?;
+                let written = copy_entry(&mut entry, &file).map_err(|e| match e {
                     CopyError::Read(e) => reject(format!("reading its data: {e}")),
-                    CopyError::Write(e) => e,
+                    CopyError::Write(e) => {
+                        StreamError::io(format!("writing {}", path.display()), e)
+                    }
                 })?;
                 if written != size {
                     return Err(reject(format!("truncated: {written} of {size} bytes")));
@@ -356,139 +322,10 @@ fn unpack_entries<R: Read>(
     Ok(())
 }
 
-/// After the tar crate stops at the first zero block, the rest of the input
-/// must be zeros (the second end block, maybe padding): anything else would
-/// be a second archive silently ignored. Fewer than 512 more zero bytes
-/// means the input lacked the end-of-archive marker: it was truncated.
-fn drain_end<R: Read>(input: &mut CappedReader<R>) -> Result<(), StreamError> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut zeros = 0u64;
-    loop {
-        let n = input
-            .read(&mut buf)
-            .map_err(|e| StreamError::Archive(format!("reading the end of the archive: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|b| *b != 0) {
-            return Err(StreamError::Archive(
-                "data after the end of the archive".into(),
-            ));
-        }
-        zeros += n as u64;
-    }
-    if zeros < 512 {
-        return Err(StreamError::Archive(
-            "no end-of-archive marker: the archive is truncated".into(),
-        ));
-    }
-    Ok(())
-}
-
-enum CopyError {
-    Read(io::Error),
-    Write(StreamError),
-}
-
-fn copy_entry(entry: &mut impl Read, mut file: File, path: &Path) -> Result<u64, CopyError> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut written = 0u64;
-    loop {
-        let n = match entry.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CopyError::Read(e)),
-        };
-        file.write_all(&buf[..n]).map_err(|e| {
-            CopyError::Write(StreamError::io(format!("writing {}", path.display()), e))
-        })?;
-        written += n as u64;
-    }
-    Ok(written)
-}
-
-/// The entry's path as a relative path of plain components, or why not.
-fn safe_relative_path(name: &[u8]) -> Result<PathBuf, String> {
-    if name.contains(&0) {
-        return Err("path contains a NUL byte".into());
-    }
-    let mut rel = PathBuf::new();
-    for component in Path::new(OsStr::from_bytes(name)).components() {
-        match component {
-            Component::Normal(part) => rel.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("path contains '..'".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
-        }
-    }
-    Ok(rel)
-}
-
-/// Creates each folder of `rel` under `dest`; an existing one must be a real
-/// folder, not a symlink or a file.
-fn make_dirs(dest: &Path, rel: &Path) -> Result<(), String> {
-    let mut path = dest.to_path_buf();
-    for part in rel.components() {
-        path.push(part);
-        match DirBuilder::new().mode(0o755).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let meta = fs::symlink_metadata(&path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
-                if !meta.is_dir() {
-                    return Err(format!("{} exists and is not a folder", path.display()));
-                }
-            }
-            Err(e) => return Err(format!("creating {}: {e}", path.display())),
-        }
-    }
-    Ok(())
-}
-
-fn describe(t: EntryType) -> String {
-    match t {
-        EntryType::Symlink => "symlink".into(),
-        EntryType::Link => "hard link".into(),
-        EntryType::Char => "character device".into(),
-        EntryType::Block => "block device".into(),
-        EntryType::Fifo => "fifo".into(),
-        EntryType::XHeader | EntryType::XGlobalHeader => "pax header".into(),
-        EntryType::GNUSparse => "sparse file".into(),
-        other => format!("type {:?}", other.as_byte() as char),
-    }
-}
-
-/// Counts the bytes read, and fails once more than `cap` were available.
-struct CappedReader<R> {
-    inner: R,
-    count: u64,
-    cap: u64,
-    exceeded: bool,
-}
-
-impl<R: Read> Read for CappedReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.exceeded {
-            return Err(io::Error::other("total cap exceeded"));
-        }
-        // Ask for at most one byte past the cap: enough to see it crossed.
-        let room = self.cap.saturating_sub(self.count).saturating_add(1);
-        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..want])?;
-        self.count += n as u64;
-        if self.count > self.cap {
-            self.exceeded = true;
-            return Err(io::Error::other("total cap exceeded"));
-        }
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::testutil::{noise, tree, TempDir};
+    use crate::stream::testutil::{end_archive, noise, raw_entry, tree, TempDir};
     use std::os::unix::fs::symlink;
 
     const MIB: u64 = 1 << 20;
@@ -564,33 +401,13 @@ mod tests {
         assert!(err.contains("pipe") && err.contains("fifo"), "{err}");
     }
 
-    /// Appends one hand-made entry: the tar crate's builder refuses the bad
-    /// paths these tests need.
-    fn raw_entry(out: &mut Vec<u8>, name: &[u8], etype: EntryType, link: &[u8], data: &[u8]) {
-        let mut header = Header::new_gnu();
-        let old = header.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name);
-        old.linkname[..link.len()].copy_from_slice(link);
-        header.set_mode(0o644);
-        header.set_size(data.len() as u64);
-        header.set_entry_type(etype);
-        header.set_cksum();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-
-    fn end(out: &mut Vec<u8>) {
-        out.extend_from_slice(&[0u8; 1024]);
-    }
-
     #[test]
     fn rejects_parent_components() {
         for name in ["../escaped", "a/../../escaped", "../../etc/x"] {
             let mut t = Vec::new();
             raw_entry(&mut t, b"ok.img", EntryType::Regular, b"", b"fine");
             raw_entry(&mut t, name.as_bytes(), EntryType::Regular, b"", b"evil");
-            end(&mut t);
+            end_archive(&mut t);
             let err = rejected(&t[..], &UnpackLimits::default(), &["dest/ok.img"]);
             assert!(
                 err.contains(&format!("{name:?}")) && err.contains(".."),
@@ -603,7 +420,7 @@ mod tests {
     fn rejects_absolute_paths() {
         let mut t = Vec::new();
         raw_entry(&mut t, b"/etc/x", EntryType::Regular, b"", b"evil");
-        end(&mut t);
+        end_archive(&mut t);
         let err = rejected(&t[..], &UnpackLimits::default(), &[]);
         assert!(
             err.contains("\"/etc/x\"") && err.contains("absolute"),
@@ -630,7 +447,7 @@ mod tests {
                 b"",
                 b"through the link",
             );
-            end(&mut t);
+            end_archive(&mut t);
             let err = rejected(&t[..], &UnpackLimits::default(), &[]);
             assert!(
                 err.contains("\"thing\"") && err.contains(what),
@@ -651,7 +468,7 @@ mod tests {
         for name in [&b"dir/x"[..], b"file"] {
             let mut t = Vec::new();
             raw_entry(&mut t, name, EntryType::Regular, b"", b"evil");
-            end(&mut t);
+            end_archive(&mut t);
             let err = unpack_into(&t[..], &dest, &UnpackLimits::default()).unwrap_err();
             let err = err.to_string();
             assert!(err.contains(&*String::from_utf8_lossy(name)), "{err}");
@@ -663,7 +480,7 @@ mod tests {
     fn rejects_an_oversize_entry_before_writing_it() {
         let mut t = Vec::new();
         raw_entry(&mut t, b"big.img", EntryType::Regular, b"", &[7u8; 5000]);
-        end(&mut t);
+        end_archive(&mut t);
         let limits = UnpackLimits {
             max_entry_bytes: 4096,
             ..UnpackLimits::default()
@@ -684,7 +501,7 @@ mod tests {
                 b"x",
             );
         }
-        end(&mut t);
+        end_archive(&mut t);
         let limits = UnpackLimits {
             max_entries: 3,
             ..UnpackLimits::default()
@@ -698,13 +515,13 @@ mod tests {
         let mut dup = Vec::new();
         raw_entry(&mut dup, b"a", EntryType::Regular, b"", b"one");
         raw_entry(&mut dup, b"a", EntryType::Regular, b"", b"two");
-        end(&mut dup);
+        end_archive(&mut dup);
         let err = rejected(&dup[..], &UnpackLimits::default(), &["dest/a"]);
         assert!(err.contains("\"a\"") && err.contains("duplicate"), "{err}");
 
         let mut whole = Vec::new();
         raw_entry(&mut whole, b"a", EntryType::Regular, b"", &[1u8; 2000]);
-        end(&mut whole);
+        end_archive(&mut whole);
         let err = rejected(&whole[..1000], &UnpackLimits::default(), &["dest/a"]);
         assert!(err.contains("\"a\"") && err.contains("truncated"), "{err}");
         let err = rejected(&whole[..2048], &UnpackLimits::default(), &["dest/a"]);

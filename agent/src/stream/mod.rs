@@ -8,10 +8,13 @@
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
 //! - [`wire`]: the data-port protocol between a source and a target agent.
 //! - [`tls`]: mutual TLS configs from PEM files, and peer identities.
+//! - `tarcore`: tar byte counting and the safe-extraction core, shared by
+//!   [`archive`] and the runtime's container-layer and volume apply.
 
 pub mod archive;
 mod pipe;
 pub mod ratelimit;
+pub(crate) mod tarcore;
 pub mod tls;
 pub mod wire;
 

@@ -65,3 +65,33 @@ pub(crate) fn tree(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Appends one hand-made tar entry: the tar crate's builder refuses the bad
+/// paths and kinds that the hostile-input tests need.
+pub(crate) fn raw_entry(
+    out: &mut Vec<u8>,
+    name: &[u8],
+    etype: tar::EntryType,
+    link: &[u8],
+    data: &[u8],
+) {
+    let mut header = tar::Header::new_gnu();
+    let old = header.as_old_mut();
+    old.name[..name.len()].copy_from_slice(name);
+    old.linkname[..link.len()].copy_from_slice(link);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(data.len() as u64);
+    header.set_entry_type(etype);
+    header.set_cksum();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// Appends the end-of-archive marker: two zero blocks.
+pub(crate) fn end_archive(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0u8; 1024]);
+}

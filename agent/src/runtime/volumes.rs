@@ -167,16 +167,6 @@ impl Docker {
         Ok((c, volumes))
     }
 
-    /// Source: checks the mounts and lists the volumes that travel.
-    pub async fn survey_volumes(
-        &self,
-        container: &str,
-        bind_mounts: BindMounts,
-    ) -> Result<Vec<VolumeSpec>, StateError> {
-        let (c, volumes) = self.inspect_movable(container, bind_mounts).await?;
-        Ok(volume_specs(&c, &volumes))
-    }
-
     /// [`Self::inspect_with_volumes`], refused unless every mount of the
     /// container can travel (or, for bind mounts, is allowed to stay).
     pub(super) async fn inspect_movable(

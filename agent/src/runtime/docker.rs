@@ -420,7 +420,19 @@ impl Engine for Docker {
             });
         }
         let mut established = Vec::new();
-        for table in ["tcp", "tcp6"] {
+        // An agent in another PID namespace (e.g. a container of its own)
+        // cannot see the process: its connections go unchecked. A
+        // connection CRIU cannot dump then fails the checkpoint, which
+        // leaves the container running and the job rolled back.
+        let visible = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !visible {
+            warn!(
+                container = %id,
+                pid,
+                "the container's process is not visible from this agent's PID namespace; its TCP connections are not checked"
+            );
+        }
+        for table in ["tcp", "tcp6"].into_iter().filter(|_| visible) {
             let path = format!("/proc/{pid}/net/{table}");
             match std::fs::read_to_string(&path) {
                 Ok(text) => established.extend(parse_proc_net_tcp(&text)),

@@ -40,6 +40,12 @@ const RESTORE_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 pub struct Docker {
     api: bollard::Docker,
+    /// The engine's data root, read once at connect: checkpoint folders
+    /// are derived from it on the frozen path without asking the engine
+    /// again (it changes only with a daemon restart and new config).
+    root_dir: PathBuf,
+    /// The engine's cgroup driver is systemd (runc must be told so).
+    systemd_cgroup: bool,
     /// `None`: checkpoints go through the engine's own call.
     runc: Option<RuncSettings>,
     criu_config: PathBuf,
@@ -60,8 +66,11 @@ impl Docker {
                 .negotiate_version()
                 .await
                 .map_err(connect_err)?;
+        let info = api.info().await.map_err(engine_err("info", "engine"))?;
         Ok(Self {
             api,
+            root_dir: data_root(&info),
+            systemd_cgroup: info.cgroup_driver == Some(SystemInfoCgroupDriverEnum::SYSTEMD),
             runc: None,
             criu_config: DEFAULT_CRIU_CONFIG.into(),
         })
@@ -210,6 +219,11 @@ fn checkpoint_path(root: &Path, id: &str, checkpoint: &str) -> PathBuf {
         .join(checkpoint)
 }
 
+/// Where the engine keeps its state (`DockerRootDir`).
+fn data_root(info: &bollard::models::SystemInfo) -> PathBuf {
+    PathBuf::from(info.docker_root_dir.as_deref().unwrap_or("/var/lib/docker"))
+}
+
 pub(super) fn engine_err(
     call: &'static str,
     subject: &str,
@@ -239,14 +253,12 @@ impl Engine for Docker {
             .info()
             .await
             .map_err(engine_err("info", "engine"))?;
+        let root_dir = data_root(&info);
         Ok(EngineInfo {
             arch: info.architecture.unwrap_or_default(),
             kernel: info.kernel_version.unwrap_or_default(),
             version: info.server_version.unwrap_or_default(),
-            root_dir: PathBuf::from(
-                info.docker_root_dir
-                    .unwrap_or_else(|| "/var/lib/docker".into()),
-            ),
+            root_dir,
             experimental: info.experimental_build.unwrap_or(false),
         })
     }
@@ -364,16 +376,7 @@ impl Engine for Docker {
         checkpoint: &str,
         options: CheckpointOptions,
     ) -> Result<Checkpointed, RuntimeError> {
-        let info = self
-            .api
-            .info()
-            .await
-            .map_err(engine_err("info", "engine"))?;
-        let root = PathBuf::from(
-            info.docker_root_dir
-                .unwrap_or_else(|| "/var/lib/docker".into()),
-        );
-        let dir = checkpoint_path(&root, id, checkpoint);
+        let dir = checkpoint_path(&self.root_dir, id, checkpoint);
         let reason = match &self.runc {
             None => {
                 "the agent is set to checkpoint through the engine (checkpoint_with = \"engine\")"
@@ -381,8 +384,7 @@ impl Engine for Docker {
             }
             Some(settings) => {
                 let mut runc = settings.clone();
-                runc.systemd_cgroup =
-                    info.cgroup_driver == Some(SystemInfoCgroupDriverEnum::SYSTEMD);
+                runc.systemd_cgroup = self.systemd_cgroup;
                 match runc.usable(id).await {
                     Ok(()) => {
                         runc.checkpoint(id, checkpoint, &dir, options.tcp).await?;
@@ -466,8 +468,7 @@ impl Engine for Docker {
     }
 
     async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
-        let root = self.info().await?.root_dir;
-        Ok(checkpoint_path(&root, id, checkpoint))
+        Ok(checkpoint_path(&self.root_dir, id, checkpoint))
     }
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
@@ -546,6 +547,8 @@ mod tests {
         (
             Docker {
                 api,
+                root_dir: "/var/lib/docker".into(),
+                systemd_cgroup: false,
                 runc: None,
                 criu_config: DEFAULT_CRIU_CONFIG.into(),
             },

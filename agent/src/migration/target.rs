@@ -320,7 +320,7 @@ where
         let Some(plan) = self.plan() else {
             return Ok(());
         };
-        let bytes = tree_bytes(&self.staging.join(STATE_DIR));
+        let bytes = crate::sysinfo::tree_bytes(&self.staging.join(STATE_DIR));
         let report = self
             .node
             .engine
@@ -432,21 +432,6 @@ where
             }
         }
     }
-}
-
-/// Bytes of the files under `dir` (0 if it does not exist).
-fn tree_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// Rename when staging and the engine root share a filesystem, else copy.

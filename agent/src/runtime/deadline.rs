@@ -71,58 +71,30 @@ impl<E> Deadlines<E> {
     }
 }
 
-async fn within<T>(
+/// Runs `f` with a deadline; a missed one is [`RuntimeError::Timeout`],
+/// for engine calls and for the state-moving calls (whose [`StateError`]
+/// wraps it) alike.
+async fn within<T, Er: From<RuntimeError>>(
     call: &'static str,
     subject: &str,
     after: Duration,
-    f: impl Future<Output = Result<T, RuntimeError>>,
-) -> Result<T, RuntimeError> {
+    f: impl Future<Output = Result<T, Er>>,
+) -> Result<T, Er> {
     tokio::time::timeout(after, f).await.unwrap_or_else(|_| {
         Err(RuntimeError::Timeout {
             call,
             subject: subject.to_owned(),
             after,
-        })
-    })
-}
-
-/// [`within`] for the calls that move a container's files, volumes and
-/// image: a missed deadline is the same [`RuntimeError::Timeout`].
-async fn within_state<T>(
-    call: &'static str,
-    subject: &str,
-    after: Duration,
-    f: impl Future<Output = Result<T, StateError>>,
-) -> Result<T, StateError> {
-    tokio::time::timeout(after, f).await.unwrap_or_else(|_| {
-        Err(StateError::Runtime(RuntimeError::Timeout {
-            call,
-            subject: subject.to_owned(),
-            after,
-        }))
+        }
+        .into())
     })
 }
 
 /// Bytes under `dir`, counted off the async threads (0 if unreadable).
 async fn dir_size_async(dir: PathBuf) -> u64 {
-    tokio::task::spawn_blocking(move || dir_size(&dir))
+    tokio::task::spawn_blocking(move || crate::sysinfo::tree_bytes(&dir))
         .await
         .unwrap_or(0)
-}
-
-/// Bytes in the files under `dir` (0 if it cannot be read).
-fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-            _ => 0,
-        })
-        .sum()
 }
 
 impl<E: Engine> Engine for Deadlines<E> {
@@ -230,22 +202,22 @@ impl<E: Engine> StateEngine for Deadlines<E> {
         bind_mounts: BindMounts,
     ) -> Result<StatePlan, StateError> {
         let f = self.inner.survey(container, bind_mounts);
-        within_state("survey", container, self.limits.call, f).await
+        within("survey", container, self.limits.call, f).await
     }
 
     async fn estimate_state_bytes(&self, id: &str, plan: &StatePlan) -> Result<u64, StateError> {
         let f = self.inner.estimate_state_bytes(id, plan);
-        within_state("estimate_state_bytes", id, self.limits.call, f).await
+        within("estimate_state_bytes", id, self.limits.call, f).await
     }
 
     async fn pause_restart_policy(&self, id: &str) -> Result<RestartPolicy, StateError> {
         let f = self.inner.pause_restart_policy(id);
-        within_state("pause_restart_policy", id, self.limits.call, f).await
+        within("pause_restart_policy", id, self.limits.call, f).await
     }
 
     async fn set_restart_policy(&self, id: &str, policy: &RestartPolicy) -> Result<(), StateError> {
         let f = self.inner.set_restart_policy(id, policy);
-        within_state("set_restart_policy", id, self.limits.call, f).await
+        within("set_restart_policy", id, self.limits.call, f).await
     }
 
     async fn pack_state(
@@ -257,12 +229,12 @@ impl<E: Engine> StateEngine for Deadlines<E> {
         let bytes = self.estimate_state_bytes(id, plan).await.unwrap_or(0);
         let after = self.limits.for_state(bytes);
         let f = self.inner.pack_state(id, plan, checkpoint_dir);
-        within_state("pack_state", id, after, f).await
+        within("pack_state", id, after, f).await
     }
 
     async fn missing_image(&self, image: &ImageRef) -> Result<Option<HashSet<String>>, StateError> {
         let f = self.inner.missing_image(image);
-        within_state("missing_image", &image.reference, self.limits.call, f).await
+        within("missing_image", &image.reference, self.limits.call, f).await
     }
 
     async fn export_image(
@@ -273,24 +245,24 @@ impl<E: Engine> StateEngine for Deadlines<E> {
     ) -> Result<ImageExport, StateError> {
         let after = self.limits.for_state(image.size);
         let f = self.inner.export_image(image, have, out);
-        within_state("export_image", &image.reference, after, f).await
+        within("export_image", &image.reference, after, f).await
     }
 
     async fn load_image(&self, image: &ImageRef, tar: &Path) -> Result<(), StateError> {
         let bytes = tokio::fs::metadata(tar).await.map_or(0, |m| m.len());
         let after = self.limits.for_state(bytes);
         let f = self.inner.load_image(image, tar);
-        within_state("load_image", &image.reference, after, f).await
+        within("load_image", &image.reference, after, f).await
     }
 
     async fn tag_image(&self, image: &ImageRef) -> Result<(), StateError> {
         let f = self.inner.tag_image(image);
-        within_state("tag_image", &image.reference, self.limits.call, f).await
+        within("tag_image", &image.reference, self.limits.call, f).await
     }
 
     async fn create_volumes(&self, volumes: &[VolumeSpec]) -> Result<Vec<String>, StateError> {
         let f = self.inner.create_volumes(volumes);
-        within_state("create_volumes", "volumes", self.limits.call, f).await
+        within("create_volumes", "volumes", self.limits.call, f).await
     }
 
     async fn apply_state(
@@ -302,12 +274,12 @@ impl<E: Engine> StateEngine for Deadlines<E> {
         let bytes = dir_size_async(staging.join(STATE_DIR)).await;
         let after = self.limits.for_state(bytes);
         let f = self.inner.apply_state(id, plan, staging);
-        within_state("apply_state", id, after, f).await
+        within("apply_state", id, after, f).await
     }
 
     async fn remove_volumes(&self, names: &[String]) -> Result<(), StateError> {
         let f = self.inner.remove_volumes(names);
-        within_state("remove_volumes", "volumes", self.limits.call, f).await
+        within("remove_volumes", "volumes", self.limits.call, f).await
     }
 
     async fn remove_unused_volumes(
@@ -315,7 +287,7 @@ impl<E: Engine> StateEngine for Deadlines<E> {
         volumes: &[VolumeSpec],
     ) -> Result<Vec<String>, StateError> {
         let f = self.inner.remove_unused_volumes(volumes);
-        within_state("remove_unused_volumes", "volumes", self.limits.call, f).await
+        within("remove_unused_volumes", "volumes", self.limits.call, f).await
     }
 }
 

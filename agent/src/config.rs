@@ -221,12 +221,7 @@ impl AgentSettings {
             ));
         }
         let work_dir = self.work_dir.unwrap_or_else(default_work_dir);
-        if !work_dir.is_absolute() {
-            return Err(invalid(
-                "work_dir",
-                format!("{} must be an absolute path", work_dir.display()),
-            ));
-        }
+        absolute("work_dir", &work_dir)?;
         let exec_root = self
             .docker_exec_root
             .unwrap_or_else(|| DEFAULT_DOCKER_EXEC_ROOT.into());
@@ -258,12 +253,7 @@ impl AgentSettings {
         let state_dir = self
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        if !state_dir.is_absolute() {
-            return Err(invalid(
-                "state_dir",
-                format!("{} must be an absolute path", state_dir.display()),
-            ));
-        }
+        absolute("state_dir", &state_dir)?;
         Ok(AgentConfig {
             runc,
             criu_config,

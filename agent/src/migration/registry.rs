@@ -132,10 +132,6 @@ impl JobGuard {
         &self.gate
     }
 
-    pub fn job_id(&self) -> &str {
-        &self.job_id
-    }
-
     /// 0 when this job may run, else its place in line (1 runs next).
     /// A target job is never in line.
     pub fn position(&self) -> usize {

@@ -328,13 +328,12 @@ impl<E: Engine> Driver<'_, E> {
             target: self.target(),
         })?
         .map_err(failed)?;
+        self.conn = Some(conn);
         if let ToSource::SendImage { have } = reply {
             info!(job = %job.job_id, target = %job.target, layers_there = have.len(), "target lacks the image");
             self.image_wanted = Some(have.into_iter().collect());
-            self.conn = Some(conn);
             return Ok(());
         }
-        self.conn = Some(conn);
         self.prepared(reply)
     }
 

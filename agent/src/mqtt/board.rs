@@ -113,7 +113,8 @@ impl Board {
         }
     }
 
-    pub fn has_dirty(&self) -> bool {
+    #[cfg(test)]
+    fn has_dirty(&self) -> bool {
         self.entries.values().any(|e| e.dirty)
     }
 
@@ -122,12 +123,9 @@ impl Board {
         self.entries.contains_key(topic)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

@@ -6,6 +6,8 @@
 //! - [`gate`]: the point of no return, settled against a cancel in one place.
 //! - [`registry`]: the jobs running on this node and the peers' statuses.
 //! - [`protocol`]: the control conversation between the two agents.
+//! - [`journal`]: in-flight jobs on disk; [`recovery`]: what to do with
+//!   them after a restart (a pure decision table).
 //! - [`source`], [`target`]: the drivers that perform the machines' steps.
 //! - [`node`]: what the drivers need of the node they run on, including the
 //!   two seams unit tests replace (status reporting, dialing a peer).
@@ -13,9 +15,11 @@
 pub mod check;
 mod error;
 pub mod gate;
+pub mod journal;
 pub mod machine;
 pub mod node;
 pub mod protocol;
+pub mod recovery;
 pub mod registry;
 pub mod source;
 pub mod target;

@@ -25,6 +25,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::recovery::{Decision, Holding};
 use crate::runtime::state::StatePlan;
 use crate::runtime::ContainerSpec;
 use crate::stream::{wire, StreamError};
@@ -38,6 +39,16 @@ pub use crate::stream::wire::MAX_MESSAGE;
 pub enum ToTarget {
     Prepare(Box<Prepare>),
     Commit,
+    /// Recovery, first message on a new connection from the job's source:
+    /// what does the target hold for `job_id`? Answer: `Holding`.
+    Outcome {
+        job_id: String,
+    },
+    /// Recovery, from the job's target to its source (any data port
+    /// serves both): what did the source decide? Answer: `Decided`.
+    Decision {
+        job_id: String,
+    },
 }
 
 /// The source's request to receive a container.
@@ -80,6 +91,14 @@ pub enum ToSource {
         reason: String,
     },
     Committed,
+    /// Answer to `Outcome`.
+    Holding {
+        holding: Holding,
+    },
+    /// Answer to `Decision`.
+    Decided {
+        decision: Decision,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -45,6 +45,8 @@ const MQTT_GOODBYE: Duration = Duration::from_secs(5);
 /// these in [`crate::Error`].
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(transparent)]
+    Journal(Box<crate::migration::journal::JournalError>),
     #[error("cannot use work dir {path}: {source}")]
     WorkDir {
         path: std::path::PathBuf,
@@ -114,6 +116,8 @@ impl Agent {
             warn!(%why, "CRIU does not work here: this node can neither send nor receive migrations");
         }
         let ledger = open_work_dir(config)?;
+        let journal = crate::migration::journal::Journal::open(&config.state_dir)
+            .map_err(|e| AgentError::Journal(Box::new(e)))?;
         if config.insecure {
             warn!("--insecure: plain TCP is allowed where no TLS is configured; never use this on a real fleet");
         }
@@ -163,6 +167,7 @@ impl Agent {
             timeouts,
             peers: Peers::default(),
             jobs: JobRegistry::new(&config.node_id),
+            journal: Some(journal.clone()),
         });
         if let (Ok(_), Some(why)) = (&node.criu, node.criu_problem()) {
             warn!(%why, "this node can neither send nor receive migrations");
@@ -178,6 +183,22 @@ impl Agent {
             "agent started"
         );
         let tasks = TaskTracker::new();
+        // Every job a crash or a restart left in flight is driven to a final
+        // state; its container is registered meanwhile, so no new job for
+        // it starts before.
+        let in_flight = journal
+            .load()
+            .map_err(|e| AgentError::Journal(Box::new(e)))?;
+        for entry in in_flight {
+            let guard = node
+                .jobs
+                .try_register(&entry.job_id, &entry.container, entry.role);
+            let node = node.clone();
+            tasks.spawn(async move {
+                crate::migration::recovery::recover(&node, entry).await;
+                drop(guard);
+            });
+        }
         let accept_stop = CancellationToken::new();
         let jobs_changed = mpsc::channel(16);
         tasks.spawn(serve_data_port(

@@ -241,6 +241,11 @@ impl<B: Broker> Fleet<B> {
         cmd
     }
 
+    /// Node `n`'s agent state dir (job ledger, journal).
+    pub fn state_dir(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("{}-state", self.node(n).name))
+    }
+
     fn work_dir(&self, n: usize) -> PathBuf {
         self.dir.join(format!("{}-work", self.node(n).name))
     }

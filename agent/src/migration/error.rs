@@ -16,6 +16,9 @@ use crate::stream::StreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// Nothing is done that the journal does not record first.
+    #[error(transparent)]
+    Journal(#[from] super::journal::JournalError),
     // --- source: before anything stopped
     #[error("precheck: {0}")]
     Precheck(CheckError),
@@ -177,6 +180,8 @@ pub enum MigrationError {
     RestoredUntold(ProtocolError),
     #[error("source closed the connection before committing")]
     SourceClosed,
+    #[error("the source decided abort ({after})")]
+    SourceAborted { after: String },
     #[error("waiting for commit: {0}")]
     AwaitCommit(ProtocolError),
     #[error("source did not commit in time")]

@@ -274,6 +274,32 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Entry, JournalError> {
     serde_json::from_value(value).map_err(corrupt)
 }
 
+/// Test hook, inert unless the environment sets it:
+/// `FERRY_TEST_PAUSE_AT=<role>:<phase>` (e.g. `source:restore_requested`,
+/// `target:restored`) stops the job for good right after that phase is
+/// journaled and before it acts, so that a test can SIGKILL the agent at a
+/// known point. The agent logs `test pause` when it gets there.
+pub async fn test_pause(role: Role, phase: Phase) {
+    let Some(want) = std::env::var_os("FERRY_TEST_PAUSE_AT") else {
+        return;
+    };
+    let here = format!(
+        "{}:{}",
+        serde_json::to_value(role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        serde_json::to_value(phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    );
+    if want.to_string_lossy() == here {
+        tracing::warn!(at = %here, "test pause (FERRY_TEST_PAUSE_AT): this job stops here");
+        std::future::pending::<()>().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,9 +95,33 @@ pub struct Node<E> {
     pub timeouts: Timeouts,
     pub peers: Peers,
     pub jobs: JobRegistry,
+    /// In-flight jobs on persistent storage; `None` in unit tests of the
+    /// drivers, which then behave as before the journal (a target removes
+    /// its copy when the connection ends before `Commit`).
+    pub journal: Option<super::journal::Journal>,
 }
 
 impl<E> Node<E> {
+    /// Records `entry` durably (no-op without a journal).
+    pub fn journal_write(
+        &self,
+        entry: &super::journal::Entry,
+    ) -> Result<(), super::journal::JournalError> {
+        match &self.journal {
+            Some(j) => j.write(entry),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets a final job; a failure only leaves work for the next start.
+    pub fn journal_remove(&self, entry: &super::journal::Entry) {
+        if let Some(j) = &self.journal {
+            if let Err(error) = j.remove(entry.role, &entry.job_id) {
+                tracing::warn!(%error, "cannot remove a final job from the journal");
+            }
+        }
+    }
+
     /// This node's side of the compatibility check.
     pub fn facts(&self) -> Facts<'_> {
         Facts {

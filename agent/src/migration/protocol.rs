@@ -43,6 +43,7 @@ pub enum ToTarget {
     /// what does the target hold for `job_id`? Answer: `Holding`.
     Outcome {
         job_id: String,
+        container: String,
     },
     /// Recovery, from the job's target to its source (any data port
     /// serves both): what did the source decide? Answer: `Decided`.

@@ -8,9 +8,13 @@
 //! it asks until it learns the decision.
 
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
-use super::journal::Phase;
-use crate::mqtt::contract::Role;
+use super::journal::{Entry, Phase};
+use super::protocol::{self, ToSource, ToTarget};
+use super::{now_ms, Node};
+use crate::mqtt::contract::{JobState, JobStatus, Role};
+use crate::runtime::Engine;
 
 /// What the target holds for a job, as it answers a source's `Outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +22,8 @@ use crate::mqtt::contract::Role;
 pub enum Holding {
     /// Restored and running: it waits for the decision.
     Running,
+    /// Running, and the job is final here: it kept the copy.
+    Kept,
     /// Still receiving or restoring: ask again.
     Busy,
     /// Nothing (never created, removed, or the job is unknown).
@@ -77,7 +83,9 @@ pub fn decide(role: Role, phase: Phase, answer: Answer) -> Action {
             (Checkpointing, _) => Action::Abort,
             // The target may hold a verified, running copy: keep it rather
             // than restore (the original has stopped already).
-            (Transferring | RestoreRequested, Answer::Target(Holding::Running)) => Action::Commit,
+            (Transferring | RestoreRequested, Answer::Target(Holding::Running | Holding::Kept)) => {
+                Action::Commit
+            }
             (Transferring | RestoreRequested, Answer::Target(Holding::Nothing)) => Action::Abort,
             (Transferring | RestoreRequested, _) => Action::Ask,
             // Decided: carried out to the end, whatever the target says; a
@@ -119,13 +127,230 @@ pub fn answer_decision(record: Option<Phase>) -> Decision {
     }
 }
 
+/// Drives every journaled job to a final state after a restart and
+/// publishes it, retained. Asks the peer over the data port as long as the
+/// table says so (every 2 s); the job's record goes only once it is final.
+pub async fn recover<E: Engine>(node: &Node<E>, entry: Entry) {
+    let mut answer = Answer::NotAsked;
+    let mut tries = 0u32;
+    loop {
+        let action = decide(entry.role, entry.phase, answer);
+        info!(job = %entry.job_id, role = ?entry.role, phase = ?entry.phase, ?answer, ?action, "recovering a journaled job");
+        if action != Action::Ask {
+            let (state, error) = act(node, &entry, action).await;
+            if action == Action::Commit {
+                // The record stays until the target kept the copy: it asks
+                // for the decision meanwhile.
+                confirm_kept(node, &entry).await;
+            }
+            let mut status = JobStatus::new(
+                &entry.job_id,
+                &node.id,
+                entry.role,
+                &entry.container,
+                match entry.role {
+                    Role::Source => node.id.as_str(),
+                    Role::Target => entry.peer_node.as_str(),
+                },
+                match entry.role {
+                    Role::Source => entry.peer_node.as_str(),
+                    Role::Target => node.id.as_str(),
+                },
+                now_ms(),
+            );
+            status.state = state;
+            status.error = error;
+            node.publish_job(&status).await;
+            node.journal_remove(&entry);
+            info!(job = %entry.job_id, ?state, error = ?status.error, "journaled job recovered");
+            return;
+        }
+        if tries > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        tries += 1;
+        answer = match entry.role {
+            Role::Source => ask_target(node, &entry).await,
+            Role::Target => {
+                match super::target::ask_decision(node, &entry.job_id, &entry.peer_node).await {
+                    Ok(d) => Answer::Source(d),
+                    Err(_) => Answer::Unreachable,
+                }
+            }
+        };
+    }
+}
+
+/// Asks the target until it holds the copy as final (or nothing: a copy
+/// it lost cannot be helped by the source any more).
+async fn confirm_kept<E>(node: &Node<E>, entry: &Entry) {
+    loop {
+        match ask_target(node, entry).await {
+            Answer::Target(Holding::Kept | Holding::Nothing) => return,
+            _ => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+        }
+    }
+}
+
+async fn ask_target<E>(node: &Node<E>, entry: &Entry) -> Answer {
+    let addr = node
+        .peers
+        .get(&entry.peer_node)
+        .and_then(|p| p.data_addr)
+        .or_else(|| entry.peer_addr.clone());
+    let Some(addr) = addr else {
+        return Answer::Unreachable;
+    };
+    let Ok(mut conn) = node.dialer.dial(&entry.peer_node, &addr).await else {
+        return Answer::Unreachable;
+    };
+    let ask = ToTarget::Outcome {
+        job_id: entry.job_id.clone(),
+        container: entry.container.clone(),
+    };
+    if protocol::send(&mut conn, &ask).await.is_err() {
+        return Answer::Unreachable;
+    }
+    match tokio::time::timeout(
+        node.timeouts.prepare,
+        protocol::recv::<_, ToSource>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(ToSource::Holding { holding })) => Answer::Target(holding),
+        _ => Answer::Unreachable,
+    }
+}
+
+const RESTARTED: &str = "agent restarted mid-job";
+
+/// Carries out `action`; returns the job's final state and reason.
+async fn act<E: Engine>(
+    node: &Node<E>,
+    entry: &Entry,
+    action: Action,
+) -> (JobState, Option<String>) {
+    let why = |what: &str| {
+        Some(format!(
+            "{RESTARTED} (journal phase {:?}): {what}",
+            entry.phase
+        ))
+    };
+    let id = entry
+        .container_id
+        .clone()
+        .unwrap_or(entry.container.clone());
+    match action {
+        Action::Ask => (JobState::Failed, why("undecided")),
+        Action::ResumeOriginal | Action::Abort if entry.role == Role::Source => {
+            if entry.phase != Phase::Abort && action == Action::Abort {
+                let mut decided = entry.clone();
+                decided.phase = Phase::Abort;
+                if let Err(e) = node.journal_write(&decided) {
+                    return (JobState::Failed, why(&e.to_string()));
+                }
+            }
+            // The target holds nothing by now (or never restored): the
+            // original comes back from its checkpoint if it stopped.
+            let mut problems = Vec::new();
+            match node.engine.inspect(&id).await {
+                Ok(c) if !c.running => {
+                    if let Ok(dir) = node.engine.checkpoint_dir(&id, &entry.checkpoint).await {
+                        let _ = crate::runtime::state::discard_state(&dir);
+                    }
+                    if let Err(e) = node.engine.restore(&id, &entry.checkpoint).await {
+                        problems.push(format!("cannot restore the original: {e}"));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("cannot inspect the original: {e}")),
+            }
+            let _ = node.engine.delete_checkpoint(&id, &entry.checkpoint).await;
+            if let Some(policy) = entry
+                .restart_policy
+                .clone()
+                .and_then(|p| serde_json::from_value(p).ok())
+            {
+                if let Err(e) = node.engine.set_restart_policy(&id, &policy).await {
+                    problems.push(format!("cannot put the restart policy back: {e}"));
+                }
+            }
+            if problems.is_empty() {
+                (JobState::RolledBack, why("the original runs here again"))
+            } else {
+                (JobState::Failed, why(&problems.join("; ")))
+            }
+        }
+        Action::Commit => {
+            let mut decided = entry.clone();
+            decided.phase = Phase::Commit;
+            if let Err(e) = node.journal_write(&decided) {
+                return (JobState::Failed, why(&e.to_string()));
+            }
+            // Removing the stopped original also removes its checkpoint.
+            if let Err(e) = node.engine.remove(&id).await {
+                // Gone already: a commit carried out before the crash.
+                if node.engine.inspect(&id).await.is_ok() {
+                    return (
+                        JobState::Failed,
+                        why(&format!("committed, but cannot remove the original: {e}")),
+                    );
+                }
+            }
+            // Known limit: the original's volumes stay (the journal holds
+            // their names, not the specs `remove_unused_volumes` checks).
+            (
+                JobState::Succeeded,
+                why("the target runs the container; committed"),
+            )
+        }
+        Action::Keep => {
+            let _ = node.engine.delete_checkpoint(&id, &entry.checkpoint).await;
+            (
+                JobState::Succeeded,
+                why("the source committed; the container runs here"),
+            )
+        }
+        Action::Remove | Action::ResumeOriginal | Action::Abort => {
+            let mut problems = Vec::new();
+            // Only what this job created: by id, or by name if still only created.
+            let found = node.engine.inspect(&id).await;
+            match found {
+                Ok(c) if entry.container_id.is_some() || !c.running => {
+                    if let Err(e) = node.engine.remove(&c.id).await {
+                        problems.push(format!("cannot remove the container: {e}"));
+                    }
+                }
+                _ => {}
+            }
+            if !entry.volumes.is_empty() {
+                if let Err(e) = node.engine.remove_volumes(&entry.volumes).await {
+                    problems.push(format!("cannot remove the volumes: {e}"));
+                }
+            }
+            if let Some(staging) = &entry.staging {
+                let _ = tokio::fs::remove_dir_all(staging).await;
+            }
+            (
+                JobState::Failed,
+                why(&if problems.is_empty() {
+                    "removed what this node created".to_string()
+                } else {
+                    problems.join("; ")
+                }),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Phase::*;
 
-    const ANSWERS: [Answer; 9] = [
+    const ANSWERS: [Answer; 10] = [
         Answer::NotAsked,
+        Answer::Target(Holding::Kept),
         Answer::Unreachable,
         Answer::Target(Holding::Running),
         Answer::Target(Holding::Busy),

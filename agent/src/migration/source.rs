@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::check::{self, CheckError};
 use super::gate::CommitGate;
+use super::journal::{Entry, Phase};
 use super::machine::{Outcome, SourceMachine, Step};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
@@ -92,6 +93,13 @@ pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
 /// Runs the job to its final state; `guard` keeps it registered meanwhile.
 pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard) -> JobStatus {
     let status = first_status(&node.id, &job);
+    let mut entry = Entry::new(
+        Role::Source,
+        &job.job_id,
+        &job.container,
+        &checkpoint_name(&job.job_id),
+        &job.target,
+    );
     let mut machine = SourceMachine::new(status, now_ms());
     let mut driver = Driver {
         node: &node,
@@ -104,6 +112,9 @@ pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard
         image_wanted: None,
         prepared: false,
         paused_policy: None,
+        restored: false,
+        confirmed: false,
+        journaled: false,
     };
     loop {
         node.publish_job(machine.status()).await;
@@ -111,13 +122,26 @@ pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard
         if step == Step::Finish {
             break;
         }
-        let outcome = driver.perform(step, &mut machine).await;
+        // The journal names the step before it acts.
+        let outcome = match driver.journal(&mut entry, step).await {
+            Ok(()) => driver.perform(step, &mut machine).await,
+            Err(e) => Outcome::Failed(e),
+        };
         if let Outcome::Failed(reason) = &outcome {
             warn!(job = %job.job_id, ?step, %reason, "step failed");
         }
         machine.on(outcome, now_ms());
     }
     let status = machine.status().clone();
+    // A decision the target has not confirmed stays on record: the target
+    // asks for it (`Decision`), and the next start carries it out.
+    let unconfirmed =
+        matches!(entry.phase, Phase::Commit | Phase::Abort) && driver.restored && !driver.confirmed;
+    if unconfirmed {
+        warn!(job = %job.job_id, phase = ?entry.phase, "the target has not confirmed the decision; it stays in the journal");
+    } else {
+        node.journal_remove(&entry);
+    }
     info!(job = %job.job_id, state = ?status.state, error = ?status.error, "migration ended");
     status
 }
@@ -138,9 +162,51 @@ struct Driver<'a, E> {
     prepared: bool,
     /// The policy `PausePolicy` replaced with `no`.
     paused_policy: Option<RestartPolicy>,
+    /// The target answered `Restored`: it runs a copy.
+    restored: bool,
+    /// The target confirmed the decision (`Committed`, or the end of the
+    /// connection before it restored).
+    confirmed: bool,
+    /// The job has a journal record.
+    journaled: bool,
 }
 
 impl<E: Engine> Driver<'_, E> {
+    /// Journals the phase `step` enters, if it changes, before it runs.
+    async fn journal(&mut self, entry: &mut Entry, step: Step) -> Result<(), MigrationError> {
+        let phase = match step {
+            Step::Precheck | Step::PrepareTarget | Step::SendImage => Phase::Started,
+            Step::PausePolicy => Phase::PolicyPaused,
+            Step::Checkpoint | Step::PackState => Phase::Checkpointing,
+            Step::Transfer => Phase::Transferring,
+            Step::AwaitRestore => Phase::RestoreRequested,
+            Step::Commit => Phase::Commit,
+            Step::Abort | Step::RollBack => Phase::Abort,
+            Step::ResumePolicy | Step::Finish => entry.phase,
+        };
+        if phase == entry.phase && self.journaled && step != Step::PausePolicy {
+            return Ok(());
+        }
+        self.journaled = true;
+        entry.phase = phase;
+        entry.updated_ms = now_ms();
+        if let Some(c) = &self.container {
+            entry.container_id = Some(c.id.clone());
+        }
+        if let Some(plan) = &self.plan {
+            entry.volumes = plan.volumes.iter().map(|v| v.name.clone()).collect();
+            entry.restart_policy = serde_json::to_value(&plan.restart_policy).ok();
+        }
+        entry.peer_addr = self
+            .node
+            .peers
+            .get(&self.job.target)
+            .and_then(|p| p.data_addr);
+        self.node.journal_write(entry)?;
+        super::journal::test_pause(Role::Source, phase).await;
+        Ok(())
+    }
+
     async fn perform(&mut self, step: Step, machine: &mut SourceMachine) -> Outcome {
         let gate = self.gate;
         let result = match step {
@@ -574,7 +640,10 @@ impl<E: Engine> Driver<'_, E> {
             .map_err(|_| MigrationError::RestoreTimeout)?
             .map_err(MigrationError::AwaitRestore)?;
         match reply {
-            ToSource::Restored => Ok(()),
+            ToSource::Restored => {
+                self.restored = true;
+                Ok(())
+            }
             ToSource::Failed { reason } => Err(MigrationError::RestoreFailedOnTarget { reason }),
             other => Err(MigrationError::UnexpectedRestoreAnswer {
                 answer: format!("{other:?}"),
@@ -586,14 +655,26 @@ impl<E: Engine> Driver<'_, E> {
         let wait = self.node.timeouts.commit;
         let conn = self.conn()?;
         let unconfirmed = MigrationError::CommitUnconfirmed;
-        protocol::send(conn, &ToTarget::Commit)
-            .await
-            .map_err(|e| unconfirmed(Unconfirmed::Send(e)))?;
-        match tokio::time::timeout(wait, protocol::recv::<_, ToSource>(conn)).await {
-            Ok(Ok(ToSource::Committed)) => {}
-            Ok(Ok(other)) => return Err(unconfirmed(Unconfirmed::Answer(format!("{other:?}")))),
-            Ok(Err(e)) => return Err(unconfirmed(Unconfirmed::Recv(e))),
-            Err(_) => return Err(unconfirmed(Unconfirmed::Timeout)),
+        let told = match protocol::send(conn, &ToTarget::Commit).await {
+            Err(e) => Err(unconfirmed(Unconfirmed::Send(e))),
+            Ok(()) => match tokio::time::timeout(wait, protocol::recv::<_, ToSource>(conn)).await {
+                Ok(Ok(ToSource::Committed)) => {
+                    self.confirmed = true;
+                    Ok(())
+                }
+                Ok(Ok(other)) => Err(unconfirmed(Unconfirmed::Answer(format!("{other:?}")))),
+                Ok(Err(e)) => Err(unconfirmed(Unconfirmed::Recv(e))),
+                Err(_) => Err(unconfirmed(Unconfirmed::Timeout)),
+            },
+        };
+        match told {
+            Ok(()) => {}
+            // The decision is journaled: the target asks for it and keeps
+            // its copy, so the original goes as after a confirmed commit.
+            Err(e) if self.node.journal.is_some() => {
+                warn!(job = %self.job.job_id, error = %e, "commit not confirmed; the target learns it from the journal");
+            }
+            Err(e) => return Err(e),
         }
         self.conn = None;
         // Removing the stopped original also removes its checkpoint folder.
@@ -619,8 +700,12 @@ impl<E: Engine> Driver<'_, E> {
     }
 
     async fn roll_back(&mut self) -> Result<(), MigrationError> {
-        // First let the target drop its copy.
+        // First let the target drop its copy: a target that never said
+        // `Restored` removes it when the connection ends.
         self.conn = None;
+        if !self.restored {
+            self.confirmed = true;
+        }
         let node = self.node;
         let id = &self.container()?.id;
         let current = node

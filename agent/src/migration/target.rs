@@ -11,8 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::check::{self, Facts};
+use super::journal::{Entry, Phase};
 use super::machine::{Outcome, TargetMachine, TargetStep};
 use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
+use super::recovery::{answer_decision, Decision, Holding};
 use super::{now_ms, MigrationError, Node};
 use crate::mqtt::contract::{JobStatus, Role};
 use crate::runtime::networks::{self, Placement};
@@ -53,6 +55,18 @@ where
                 Err(e) => e.into(),
             }
         }
+        Ok(Ok(ToTarget::Outcome { job_id, container })) => {
+            let holding = holding(&node, &job_id, &container).await;
+            info!(job = %job_id, ?peer, ?holding, "source asked what this node holds");
+            let _ = protocol::send(&mut conn, &ToSource::Holding { holding }).await;
+            return;
+        }
+        Ok(Ok(ToTarget::Decision { job_id })) => {
+            let decision = decision(&node, &job_id, peer.as_deref());
+            info!(job = %job_id, ?peer, ?decision, "target asked for the decision");
+            let _ = protocol::send(&mut conn, &ToSource::Decided { decision }).await;
+            return;
+        }
         Ok(Ok(_)) => MigrationError::NotPrepare,
         Ok(Err(e)) => MigrationError::BadPrepare(e),
         Err(_) => {
@@ -63,6 +77,104 @@ where
     let reason = refused.to_string();
     warn!(?peer, %reason, "data connection refused");
     let _ = protocol::send(&mut conn, &ToSource::Refused { reason }).await;
+}
+
+/// What this node holds of `container` for a source that asks during
+/// recovery: a job still under way here is busy, else it runs or it is not.
+pub async fn holding<E: Engine>(node: &Node<E>, job_id: &str, container: &str) -> Holding {
+    if let Some(j) = &node.journal {
+        match j.read(Role::Target, job_id) {
+            Ok(Some(e)) if !matches!(e.phase, Phase::Restored | Phase::Commit) => {
+                return Holding::Busy
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, "cannot read the journal");
+                return Holding::Busy;
+            }
+        }
+    }
+    let journaled = node
+        .journal
+        .as_ref()
+        .is_some_and(|j| matches!(j.read(Role::Target, job_id), Ok(Some(_))));
+    match node.engine.inspect(container).await {
+        Ok(c) if c.running && journaled => Holding::Running,
+        Ok(c) if c.running => Holding::Kept,
+        Ok(_) => Holding::Busy,
+        Err(_) => Holding::Nothing,
+    }
+}
+
+/// The decision this node (the job's source) journaled, for a target that
+/// asks; only the job's target may ask.
+fn decision<E>(node: &Node<E>, job_id: &str, peer: Option<&[String]>) -> Decision {
+    let Some(j) = &node.journal else {
+        return Decision::Pending;
+    };
+    match j.read(Role::Source, job_id) {
+        Ok(Some(e)) if peer.is_some_and(|names| !names.contains(&e.peer_node)) => {
+            warn!(job = %job_id, ?peer, "a node that is not the job's target asked for its decision");
+            Decision::Pending
+        }
+        Ok(record) => answer_decision(record.map(|e| e.phase)),
+        Err(error) => {
+            warn!(%error, "cannot read the journal");
+            Decision::Pending
+        }
+    }
+}
+
+/// Asks the source for its decision until it has one: a target that runs
+/// a restored copy never removes it on its own.
+pub async fn learn_decision<E>(node: &Node<E>, job_id: &str, source: &str) -> Decision {
+    let mut tries = 0u32;
+    loop {
+        match ask_decision(node, job_id, source).await {
+            Ok(d @ (Decision::Commit | Decision::Abort)) => return d,
+            Ok(Decision::Pending) => {}
+            Err(error) if tries % 15 == 0 => {
+                warn!(job = %job_id, %source, %error, "cannot learn the decision yet; asking again")
+            }
+            Err(_) => {}
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+pub(super) async fn ask_decision<E>(
+    node: &Node<E>,
+    job_id: &str,
+    source: &str,
+) -> Result<Decision, String> {
+    let addr = node
+        .peers
+        .get(source)
+        .and_then(|p| p.data_addr)
+        .ok_or("no data address for the source yet")?;
+    let mut conn = node
+        .dialer
+        .dial(source, &addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ask = ToTarget::Decision {
+        job_id: job_id.to_owned(),
+    };
+    protocol::send(&mut conn, &ask)
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(
+        node.timeouts.prepare,
+        protocol::recv::<_, ToSource>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(ToSource::Decided { decision })) => Ok(decision),
+        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".into()),
+    }
 }
 
 /// Runs a registered incoming job to its final state.
@@ -81,6 +193,14 @@ where
         now_ms(),
     );
     let mut machine = TargetMachine::new(status, now_ms());
+    let mut entry = Entry::new(
+        Role::Target,
+        &prepare.job_id,
+        &prepare.spec.name,
+        &prepare.checkpoint,
+        &prepare.source_node,
+    );
+    let mut journaled = false;
     let mut driver = Driver {
         node,
         conn,
@@ -101,12 +221,39 @@ where
         if step == TargetStep::Finish {
             break;
         }
-        let outcome = driver.perform(step, &mut machine).await;
+        let phase = match step {
+            TargetStep::Precheck | TargetStep::FetchImage => Phase::Preparing,
+            TargetStep::Create => Phase::Creating,
+            TargetStep::Receive | TargetStep::ApplyState => Phase::Receiving,
+            TargetStep::Restore => Phase::Restoring,
+            TargetStep::AwaitCommit => Phase::Restored,
+            TargetStep::Keep => Phase::Commit,
+            TargetStep::TellFailed | TargetStep::Remove => Phase::Abort,
+            TargetStep::Refuse | TargetStep::Finish => entry.phase,
+        };
+        let mut written = Ok(());
+        if phase != entry.phase || !journaled {
+            journaled = true;
+            entry.phase = phase;
+            entry.updated_ms = now_ms();
+            entry.container_id = driver.container_id.clone();
+            entry.volumes = driver.volumes.clone();
+            entry.staging = Some(driver.staging.clone());
+            written = node.journal_write(&entry);
+            if written.is_ok() {
+                super::journal::test_pause(Role::Target, phase).await;
+            }
+        }
+        let outcome = match written {
+            Ok(()) => driver.perform(step, &mut machine).await,
+            Err(e) => Outcome::Failed(e.into()),
+        };
         if let Outcome::Failed(reason) = &outcome {
             warn!(job = %prepare.job_id, ?step, %reason, "step failed");
         }
         machine.on(outcome, now_ms());
     }
+    node.journal_remove(&entry);
     let status = machine.status();
     info!(job = %prepare.job_id, state = ?status.state, error = ?status.error, "incoming migration ended");
 }
@@ -385,14 +532,29 @@ where
             .await
             .map_err(MigrationError::RestoredUntold)?;
         let wait = self.node.timeouts.commit_wait;
-        match tokio::time::timeout(wait, protocol::recv::<_, ToTarget>(self.conn)).await {
-            Ok(Ok(ToTarget::Commit)) => Ok(()),
-            Ok(Ok(other)) => Err(MigrationError::UnexpectedCommitAnswer {
-                answer: format!("{other:?}"),
+        let lost = match tokio::time::timeout(wait, protocol::recv::<_, ToTarget>(self.conn)).await
+        {
+            Ok(Ok(ToTarget::Commit)) => return Ok(()),
+            Ok(Ok(other)) => {
+                return Err(MigrationError::UnexpectedCommitAnswer {
+                    answer: format!("{other:?}"),
+                })
+            }
+            Ok(Err(ProtocolError::Closed)) => MigrationError::SourceClosed,
+            Ok(Err(e)) => MigrationError::AwaitCommit(e),
+            Err(_) => MigrationError::CommitTimeout,
+        };
+        if self.node.journal.is_none() {
+            return Err(lost);
+        }
+        // The source decides; the copy stays until its decision is known.
+        let (node, p) = (self.node, self.prepare);
+        warn!(job = %p.job_id, source = %p.source_node, reason = %lost, "lost the source after Restored; asking it for the decision");
+        match learn_decision(node, &p.job_id, &p.source_node).await {
+            Decision::Commit => Ok(()),
+            _ => Err(MigrationError::SourceAborted {
+                after: lost.to_string(),
             }),
-            Ok(Err(ProtocolError::Closed)) => Err(MigrationError::SourceClosed),
-            Ok(Err(e)) => Err(MigrationError::AwaitCommit(e)),
-            Err(_) => Err(MigrationError::CommitTimeout),
         }
     }
 

@@ -127,6 +127,7 @@ pub(crate) fn test_node(
             [127, 0, 0, 10 + (id == "b") as u8 + 1],
             7070,
         ))),
+        journal: None,
         reporter: Box::new(statuses.clone()),
         dialer: Box::new(PipeDialer(dialer)),
         timeouts: Timeouts {

@@ -29,14 +29,13 @@ fn sigkill(agent: Agent) {
 
 fn paused(fleet: &DevFleet, n: usize, at: &str) -> Agent {
     let env = format!("FERRY_TEST_PAUSE_AT={at}");
-    let agent = fleet.start_agent_with(
+    fleet.start_agent_with(
         n,
         AgentOptions {
             wrapper: &["env", &env],
             ..AgentOptions::default()
         },
-    );
-    agent
+    )
 }
 
 fn wait_paused(agent: &Agent, at: &str) {
@@ -72,24 +71,20 @@ struct Case {
 }
 
 fn run_case(fleet: &DevFleet, case: &Case) -> String {
-    let (mut a1, mut a2) = if case.killed == 1 {
+    // The paused agent, and the other one (kept running throughout).
+    let (victim, _other) = if case.killed == 1 {
         (paused(fleet, 1, case.at), fleet.start_agent(2))
     } else {
-        (fleet.start_agent(1), paused(fleet, 2, case.at))
+        let other = fleet.start_agent(1);
+        (paused(fleet, 2, case.at), other)
     };
     let counter: Container = fleet.start_counter(1);
     let name = counter.name.clone();
     let before_kill = counter_values(&fleet.node(1).logs(&name));
     let job = fleet.send_migrate(&counter, 2, None);
-    let victim = if case.killed == 1 { a1 } else { a2 };
     wait_paused(&victim, case.at);
     sigkill(victim);
-    let restarted = fleet.start_agent(case.killed);
-    if case.killed == 1 {
-        a1 = restarted;
-    } else {
-        a2 = restarted;
-    }
+    let _restarted = fleet.start_agent(case.killed);
     let killed_node = &fleet.node(case.killed).name;
     let status: Value = fleet.final_status(killed_node, &job, RECOVERY);
     assert_eq!(status["state"], case.state, "{}: {status}", case.fault);
@@ -137,7 +132,6 @@ fn run_case(fleet: &DevFleet, case: &Case) -> String {
             case.fault
         );
     }
-    drop((a1, a2));
     format!(
         "{:<28} {:<26} -> {} on node {}, killed side {}",
         case.fault, case.at, "one copy", case.ends_on, status["state"]

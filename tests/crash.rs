@@ -55,7 +55,7 @@ fn wait_paused(agent: &Agent, at: &str) {
 /// Where the counter runs now: node numbers.
 fn running_on(fleet: &DevFleet, name: &str) -> Vec<usize> {
     (1..=2)
-        .filter(|&n| fleet.node(n).is_running(name))
+        .filter(|&n| fleet.node(n).exists(name) && fleet.node(n).is_running(name))
         .collect()
 }
 

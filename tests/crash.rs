@@ -163,6 +163,34 @@ fn a_killed_agent_restarted_finishes_its_job_with_one_copy() {
             ends_on: 1,
             state: "failed",
         },
+        Case {
+            fault: "SIGKILL source",
+            killed: 1,
+            at: "source:transferring",
+            ends_on: 1,
+            state: "rolled_back",
+        },
+        Case {
+            fault: "SIGKILL source",
+            killed: 1,
+            at: "source:commit",
+            ends_on: 2,
+            state: "succeeded",
+        },
+        Case {
+            fault: "SIGKILL target",
+            killed: 2,
+            at: "target:restoring",
+            ends_on: 1,
+            state: "failed",
+        },
+        Case {
+            fault: "SIGKILL target",
+            killed: 2,
+            at: "target:restored",
+            ends_on: 1,
+            state: "failed",
+        },
     ];
     let mut table = Vec::new();
     for case in &cases {

@@ -120,8 +120,24 @@ fn run_case(fleet: &DevFleet, case: &Case) -> String {
             }
         },
     );
-    // Nothing of the job left in either journal.
+    // Nothing of the job left in either journal, nor in staging.
     for n in 1..=2 {
+        let state = fleet.state_dir(n);
+        let staging = state
+            .with_file_name(format!("{}-work", fleet.node(n).name))
+            .join("staging")
+            .join(&job);
+        wait_for(
+            &format!("{}: staging of node {n} gone", case.fault),
+            RECOVERY,
+            || {
+                if staging.exists() {
+                    Err(format!("{} exists", staging.display()))
+                } else {
+                    Ok(())
+                }
+            },
+        );
         let dir = fleet.state_dir(n).join("journal");
         let left: Vec<_> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())

@@ -313,3 +313,61 @@ fn info_field(info: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("INFO has no {key}: {info}"))
         .to_string()
 }
+
+#[test]
+fn a_canceled_evacuation_starts_no_further_container() {
+    let fleet = Fleet::new(bed_of_four());
+    let _agents: Vec<_> = (1..=2).map(|n| fleet.start_agent(n)).collect();
+    let n1 = fleet.node(1);
+    let label = ["--label", LABEL];
+    let first = fleet.run_opts(1, "a-counter", COUNTER_IMAGE, &label, &[]);
+    let second = fleet.run_opts(1, "b-counter", COUNTER_IMAGE, &label, &[]);
+    first.wait_counting(REPLY_TIMEOUT);
+    second.wait_counting(REPLY_TIMEOUT);
+
+    let evac = unique_name("evac");
+    let statuses = fleet.subscribe(&fleet.topic(&format!("node1/jobs/{evac}/status")));
+    fleet.send_job(
+        "node1",
+        &evac,
+        &json!({"action": "evacuate", "targets": ["node2"]}),
+    );
+    // Cancel once the first container's migration is under way.
+    wait_for("the first container in progress", REPLY_TIMEOUT, || {
+        statuses
+            .messages()
+            .iter()
+            .filter_map(|(_, p)| serde_json::from_str::<Value>(p).ok())
+            .any(|s| s["children"][0]["state"] == "in_progress")
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    fleet.send_job(
+        "node1",
+        &unique_name("cancel"),
+        &json!({"action": "cancel", "job": evac}),
+    );
+    let status = fleet.final_status("node1", &evac, JOB_TIMEOUT);
+    println!("canceled evacuation: {status}");
+    assert_eq!(status["state"], "canceled", "{status}");
+    let children = status["children"].as_array().cloned().unwrap_or_default();
+    assert_eq!(children.len(), 2, "{status}");
+    // Children go in name order: a-counter first.
+    assert_eq!(children[0]["container"], first.name.as_str());
+    assert_eq!(children[1]["state"], "canceled", "{status}");
+    assert_eq!(
+        children[1]["error"], "the evacuation was canceled",
+        "{status}"
+    );
+    assert!(second.is_running(), "the second counter left node1");
+    assert!(!fleet.node(2).exists(&second.name));
+    // The first either got past its commit (on node2) or was canceled
+    // (running on node1): never both, never neither.
+    let running = |n: &Node| n.exists(&first.name) && n.is_running(&first.name);
+    let (on1, on2) = (running(n1), running(fleet.node(2)));
+    match children[0]["state"].as_str() {
+        Some("succeeded") => assert!(!on1 && on2, "{status}"),
+        Some("canceled") => assert!(on1 && !on2, "{status}"),
+        other => panic!("the first child ended {other:?}: {status}"),
+    }
+}

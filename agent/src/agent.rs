@@ -92,6 +92,10 @@ struct Agent {
     jobs_changed: (mpsc::Sender<()>, mpsc::Receiver<()>),
     /// Caps the memory the node status offers.
     offer_memory: Option<u64>,
+    /// The evacuations running here, for a cancel.
+    evacuations: Evacuations,
+    /// The drain began: evacuations start no further container.
+    draining: CancellationToken,
 }
 
 /// The broker connection and the job replies a node publishes.
@@ -209,6 +213,8 @@ impl Agent {
             service: crate::systemd::Service::from_env(),
             jobs_changed,
             offer_memory: config.offer_memory,
+            evacuations: Evacuations::default(),
+            draining: CancellationToken::new(),
         })
     }
 
@@ -283,6 +289,7 @@ impl Agent {
     async fn drain(mut self, deadline: Duration) {
         info!(running = self.node.jobs.len(), "draining");
         self.service.stopping("draining");
+        self.draining.cancel();
         self.node.jobs.cancel_queued();
         self.accept_stop.cancel();
         self.tasks.close();
@@ -357,6 +364,10 @@ impl Agent {
             Err(e) => return replies.send(job_id, Err(e)).await,
         };
         match request {
+            JobRequest::Cancel { job } if self.evacuations.cancel(&job) => {
+                info!(evacuation = %job, "evacuation canceled");
+                replies.send(job_id, Ok::<(), String>(())).await
+            }
             JobRequest::Cancel { job } => replies.send(job_id, self.node.jobs.cancel(&job)).await,
             JobRequest::Migrate {
                 container,
@@ -425,6 +436,8 @@ impl Agent {
                     },
                     template,
                     targets,
+                    entry: self.evacuations.register(job_id),
+                    draining: self.draining.clone(),
                 };
                 let span =
                     tracing::info_span!("evacuate", job = %job_id, selector = %selector.label());
@@ -687,6 +700,55 @@ struct Evacuation {
     /// Options, rate limit; id, container and target are set per child.
     template: MigrateJob,
     targets: Target,
+    /// Canceled by a `cancel` of the evacuation's id.
+    entry: EvacuationEntry,
+    draining: CancellationToken,
+}
+
+/// The evacuations running on this node, by job id.
+#[derive(Clone, Default)]
+struct Evacuations(Arc<std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>>);
+
+/// One evacuation's registration, undone on drop.
+struct EvacuationEntry {
+    registry: Evacuations,
+    id: String,
+    canceled: CancellationToken,
+}
+
+impl Evacuations {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CancellationToken>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, id: &str) -> EvacuationEntry {
+        let canceled = CancellationToken::new();
+        self.lock().insert(id.to_owned(), canceled.clone());
+        EvacuationEntry {
+            registry: self.clone(),
+            id: id.to_owned(),
+            canceled,
+        }
+    }
+
+    /// Cancels evacuation `id`; false when none by that id runs here.
+    fn cancel(&self, id: &str) -> bool {
+        match self.lock().get(id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for EvacuationEntry {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
 }
 
 impl Evacuation {
@@ -697,6 +759,19 @@ impl Evacuation {
         );
         self.publish();
         for i in 0..self.status.children.len() {
+            let stop = if self.entry.canceled.is_cancelled() {
+                Some("the evacuation was canceled".to_owned())
+            } else if self.draining.is_cancelled() {
+                Some(format!("node {} is shutting down", self.node.id))
+            } else {
+                None
+            };
+            if let Some(why) = stop {
+                let child = &mut self.status.children[i];
+                child.state = JobState::Canceled;
+                child.error = Some(why);
+                continue;
+            }
             let ended = self.child(i).await;
             let child = &mut self.status.children[i];
             child.state = ended.state;
@@ -707,6 +782,9 @@ impl Evacuation {
             self.publish();
         }
         (self.status.state, self.status.error) = evacuation_outcome(&self.status.children);
+        if self.entry.canceled.is_cancelled() {
+            self.status.state = JobState::Canceled;
+        }
         info!(state = ?self.status.state, error = ?self.status.error, "evacuation ended");
         self.publish();
     }
@@ -736,12 +814,30 @@ impl Evacuation {
             child.target = Some(job.target.clone());
             child.state = JobState::InProgress;
             self.publish();
-            let status = if wait_in_line(&node, &job, &guard).await {
-                source::run(node.clone(), job.clone(), guard).await
-            } else {
-                let mut s = source::first_status(&node.id, &job);
-                s.state = JobState::Canceled;
-                s
+            let work = {
+                let (node, job) = (node.clone(), job.clone());
+                async move {
+                    if wait_in_line(&node, &job, &guard).await {
+                        source::run(node.clone(), job, guard).await
+                    } else {
+                        let mut s = source::first_status(&node.id, &job);
+                        s.state = JobState::Canceled;
+                        s
+                    }
+                }
+            };
+            tokio::pin!(work);
+            let canceled = self.entry.canceled.clone();
+            // A cancel of the evacuation cancels the running child too (it
+            // ends as a cancel of its own id would end it).
+            let status = tokio::select! {
+                s = &mut work => s,
+                () = canceled.cancelled() => {
+                    if let Err(e) = node.jobs.cancel(&job.job_id) {
+                        info!(reason = %e, "the running container's job cannot be canceled");
+                    }
+                    work.await
+                }
             };
             let _ = self.changed.send(()).await;
             status
@@ -923,6 +1019,17 @@ mod tests {
             excluded: Default::default(),
             parent: None,
         }
+    }
+
+    #[test]
+    fn an_evacuation_is_canceled_by_its_id_while_it_runs() {
+        let running = Evacuations::default();
+        let entry = running.register("e1");
+        assert!(!running.cancel("e2"));
+        assert!(running.cancel("e1"));
+        assert!(entry.canceled.is_cancelled());
+        drop(entry);
+        assert!(!running.cancel("e1"), "an ended evacuation is forgotten");
     }
 
     #[test]

@@ -699,8 +699,18 @@ pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliErr
         if job.as_ref().is_some_and(|j| j != &job_id) {
             continue;
         }
-        let Ok(s) = serde_json::from_slice::<JobStatus>(&payload) else {
-            continue;
+        let s = match serde_json::from_slice::<JobStatus>(&payload) {
+            Ok(s) => s,
+            Err(_) => {
+                let Ok(e) = serde_json::from_slice::<EvacuationStatus>(&payload) else {
+                    continue;
+                };
+                println!("{job_id} @{node} {}", evacuation_line(&e));
+                if job.is_some() && e.state.is_final() {
+                    break;
+                }
+                continue;
+            }
         };
         println!(
             "{job_id} @{node} ({}) {} {} {}{}",
@@ -720,9 +730,63 @@ pub async fn watch(broker: BrokerArgs, job: Option<String>) -> Result<(), CliErr
     Ok(())
 }
 
+/// An evacuation's status for `watch`: its state and how many of its
+/// containers ended where.
+fn evacuation_line(e: &EvacuationStatus) -> String {
+    let count = |state: JobState| e.children.iter().filter(|c| c.state == state).count();
+    format!(
+        "(evacuate {}) {}: {} container(s), {} moved, {} running, {} queued{}",
+        e.selector,
+        e.state.as_str(),
+        e.children.len(),
+        count(JobState::Succeeded),
+        count(JobState::InProgress),
+        count(JobState::Queued),
+        e.error
+            .as_ref()
+            .map(|x| format!(" error: {x}"))
+            .unwrap_or_default()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_sums_up_an_evacuation() {
+        let child = |state| crate::mqtt::contract::EvacuationChild {
+            job_id: "e.1".into(),
+            container: "c".into(),
+            target: None,
+            state,
+            error: None,
+        };
+        let e = EvacuationStatus {
+            job_id: "e".into(),
+            node: "a".into(),
+            action: "evacuate".into(),
+            selector: "ferry.migrate=true".into(),
+            state: JobState::InProgress,
+            children: vec![
+                child(JobState::Succeeded),
+                child(JobState::InProgress),
+                child(JobState::Queued),
+            ],
+            error: None,
+            updated_ms: 0,
+        };
+        assert_eq!(
+            evacuation_line(&e),
+            "(evacuate ferry.migrate=true) in_progress: 3 container(s), 1 moved, 1 running, 1 queued"
+        );
+        // A migration's status does not read as an evacuation's.
+        let m = JobStatus::new("j", "a", Role::Source, "c", "a", "b", 0);
+        let bytes = serde_json::to_vec(&m).unwrap();
+        assert!(serde_json::from_slice::<EvacuationStatus>(&bytes).is_err());
+        let bytes = serde_json::to_vec(&e).unwrap();
+        assert!(serde_json::from_slice::<JobStatus>(&bytes).is_err());
+    }
 
     #[test]
     fn to_is_a_node_auto_or_a_list() {

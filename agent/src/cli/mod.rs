@@ -477,10 +477,11 @@ pub async fn evacuate(args: EvacuateArgs) -> Result<EvacuationStatus, CliError> 
                             c.job_id,
                             c.container,
                             c.state.as_str(),
-                            c.target
-                                .as_ref()
-                                .map(|t| format!(" on {t}"))
-                                .unwrap_or_default(),
+                            match (&c.target, c.state) {
+                                (Some(t), JobState::Succeeded) => format!(" on {t}"),
+                                (Some(t), _) => format!(" (target {t})"),
+                                (None, _) => String::new(),
+                            },
                             c.error
                                 .as_ref()
                                 .map(|e| format!("; error: {e}"))

@@ -117,6 +117,9 @@ pub struct AgentSettings {
     /// The CRIU configuration file runc hands CRIU on this node (default /etc/criu/runc.conf).
     #[arg(long)]
     pub criu_config: Option<PathBuf>,
+    /// Most memory, in bytes, this node offers incoming containers: its status's free_mem never says more (default: all the kernel reports available).
+    #[arg(long)]
+    pub offer_memory: Option<u64>,
 }
 
 impl AgentSettings {
@@ -152,6 +155,7 @@ impl AgentSettings {
             runc_path: self.runc_path.or(file.runc_path),
             criu_path: self.criu_path.or(file.criu_path),
             criu_config: self.criu_config.or(file.criu_config),
+            offer_memory: self.offer_memory.or(file.offer_memory),
         }
     }
 
@@ -255,6 +259,7 @@ impl AgentSettings {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         absolute("state_dir", &state_dir)?;
         Ok(AgentConfig {
+            offer_memory: self.offer_memory,
             runc,
             criu_config,
             node_id,
@@ -298,6 +303,8 @@ pub struct AgentConfig {
     pub runc: Option<RuncSettings>,
     /// The CRIU configuration file runc hands CRIU here.
     pub criu_config: PathBuf,
+    /// Caps the memory the node status offers (placement reads it).
+    pub offer_memory: Option<u64>,
 }
 
 fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_agent::cli::{self, BrokerArgs, MigrateArgs};
+use ferry_agent::cli::{self, BrokerArgs, EvacuateArgs, MigrateArgs};
 use ferry_agent::config::AgentSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,8 @@ enum Command {
     },
     /// Publish a migrate job and follow it until it ends.
     Migrate(MigrateArgs),
+    /// Move every labelled container off a node, one at a time, each to a node it fits.
+    Evacuate(EvacuateArgs),
     /// List the nodes' statuses.
     Nodes(BrokerArgs),
     /// Follow job statuses as they change.
@@ -109,6 +111,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             cli::migrate(args).await?;
+        }
+        Command::Evacuate(args) => {
+            cli::evacuate(args).await?;
         }
         Command::Nodes(broker) => {
             cli::nodes(broker).await?;

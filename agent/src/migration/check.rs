@@ -65,6 +65,14 @@ pub enum CheckError {
         free: u64,
         estimate: u64,
     },
+    #[error("{node} offers {free} bytes of memory for a container using {need} bytes")]
+    NoMemory { node: String, free: u64, need: u64 },
+    #[error("{node} has {free} bytes free for staging a checkpoint of about {need} bytes")]
+    NoStaging { node: String, free: u64, need: u64 },
+    #[error("no candidate node fits: {}", describe_excluded(.excluded))]
+    NoPlace {
+        excluded: std::collections::BTreeMap<String, String>,
+    },
     #[error(transparent)]
     InvalidId(#[from] ContractError),
     #[error("job is for node {target_node}, this is {node}")]
@@ -104,6 +112,17 @@ pub enum CheckError {
         expected_job: String,
         expected_source: String,
     },
+}
+
+fn describe_excluded(excluded: &std::collections::BTreeMap<String, String>) -> String {
+    if excluded.is_empty() {
+        return "no other node is known".into();
+    }
+    excluded
+        .iter()
+        .map(|(node, why)| format!("{node}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What decides whether a checkpoint taken on one node restores on another.

@@ -3,6 +3,7 @@
 //! - [`machine`]: the source's and the target's state machines (what to do
 //!   next, when to roll back, what to report), without I/O.
 //! - [`check`]: the pure checks: compatibility, readiness, identity, room.
+//! - [`placement`]: which node a job for `"auto"` or a list goes to.
 //! - [`gate`]: the point of no return, settled against a cancel in one place.
 //! - [`registry`]: the jobs running on this node and the peers' statuses.
 //! - [`protocol`]: the control conversation between the two agents.
@@ -15,6 +16,7 @@ mod error;
 pub mod gate;
 pub mod machine;
 pub mod node;
+pub mod placement;
 pub mod protocol;
 pub mod registry;
 pub mod source;

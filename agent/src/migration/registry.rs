@@ -321,6 +321,16 @@ impl Peers {
         lock(&self.statuses).get(node).cloned()
     }
 
+    /// Every node with a status seen, by name.
+    pub fn all(&self) -> Vec<(String, NodeStatus)> {
+        let mut all: Vec<_> = lock(&self.statuses)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Waits up to `wait` for a first status of `node`.
     pub async fn wait_for(&self, node: &str, wait: Duration) -> Option<NodeStatus> {
         let deadline = tokio::time::Instant::now() + wait;

@@ -35,6 +35,10 @@ pub struct MigrateJob {
     pub tcp: TcpMode,
     /// Whether the container's bind mounts exist on the target as here.
     pub bind_mounts: BindMounts,
+    /// A placed job: why each other candidate was not chosen.
+    pub excluded: std::collections::BTreeMap<String, String>,
+    /// A child of an evacuation: the evacuation's job id.
+    pub parent: Option<String>,
 }
 
 /// The file an exported image travels as, in its own folder.
@@ -78,7 +82,7 @@ async fn tcp_plan<E: Engine>(
 
 /// The status a source publishes for `job` before anything has happened.
 pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
-    JobStatus::new(
+    let mut status = JobStatus::new(
         &job.job_id,
         node_id,
         Role::Source,
@@ -86,7 +90,10 @@ pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
         node_id,
         &job.target,
         now_ms(),
-    )
+    );
+    status.excluded = job.excluded.clone();
+    status.parent = job.parent.clone();
+    status
 }
 
 /// Runs the job to its final state; `guard` keeps it registered meanwhile.

@@ -245,6 +245,8 @@ impl Pair {
             zstd_level: 3,
             tcp,
             bind_mounts: Default::default(),
+            excluded: Default::default(),
+            parent: None,
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await

@@ -38,7 +38,7 @@ pub enum ContractError {
     MalformedJson(String),
     #[error("a job must be a JSON object, got {0}")]
     NotAnObject(&'static str),
-    #[error("unknown action {0} (expected migrate or cancel)")]
+    #[error("unknown action {0} (expected migrate, evacuate or cancel)")]
     UnknownAction(String),
     #[error("missing field \"{0}\"")]
     MissingField(&'static str),
@@ -67,6 +67,10 @@ pub enum ContractError {
     Tcp(String),
     #[error("bind_mounts {0} is neither \"refuse\" nor \"present\"")]
     BindMounts(String),
+    #[error("invalid {field}: {reason}")]
+    Targets { field: &'static str, reason: String },
+    #[error("invalid selector.label {0}: expected KEY=VALUE")]
+    Label(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
 }
@@ -271,12 +275,99 @@ impl Topics {
 pub enum JobRequest {
     Migrate {
         container: String,
-        target: String,
+        target: Target,
+        options: MigrateOptions,
+    },
+    /// Moves every running container that matches `selector` off the node.
+    Evacuate {
+        selector: Selector,
+        targets: Target,
         options: MigrateOptions,
     },
     Cancel {
         job: String,
     },
+}
+
+/// Where a migration may go: one named node, any node (`"auto"`), or one
+/// of a list; the source places the job (see `migration::placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Node(String),
+    Auto,
+    Among(Vec<String>),
+}
+
+/// The word that asks the source to place a job; never a node id.
+pub const AUTO: &str = "auto";
+/// Most candidates a job may list.
+pub const MAX_CANDIDATES: usize = 64;
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Target::Node(n) => s.serialize_str(n),
+            Target::Auto => s.serialize_str(AUTO),
+            Target::Among(list) => list.serialize(s),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Target::Node(n) => f.write_str(n),
+            Target::Auto => f.write_str(AUTO),
+            Target::Among(list) => write!(f, "one of {}", list.join(",")),
+        }
+    }
+}
+
+/// Which containers an evacuation moves: those with this label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub label_key: String,
+    pub label_value: String,
+}
+
+/// The label an evacuation selects when the job names none.
+pub const DEFAULT_EVACUATE_LABEL: (&str, &str) = ("ferry.migrate", "true");
+
+impl Default for Selector {
+    fn default() -> Self {
+        Selector {
+            label_key: DEFAULT_EVACUATE_LABEL.0.into(),
+            label_value: DEFAULT_EVACUATE_LABEL.1.into(),
+        }
+    }
+}
+
+impl Selector {
+    /// `KEY=VALUE`: a non-empty key without `=`, control characters or
+    /// more than 256 bytes in all.
+    pub fn parse_label(text: &str) -> Result<Selector, ContractError> {
+        let bad = || ContractError::Label(quoted(text));
+        if text.len() > 256 || text.chars().any(char::is_control) {
+            return Err(bad());
+        }
+        match text.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(Selector {
+                label_key: k.to_owned(),
+                label_value: v.to_owned(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}={}", self.label_key, self.label_value)
+    }
+}
+
+impl Serialize for Selector {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({ "label": self.label() }).serialize(s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -356,16 +447,54 @@ pub fn parse_job(
         "migrate" => {
             deny_unknown(&obj, "", &["action", "container", "target", "options"])?;
             let container = required_str(&obj, "container")?;
-            let target = required_str(&obj, "target")?;
             validate_id("container", &container)?;
-            validate_id("target", &target)?;
-            if target == topic_node {
-                return Err(ContractError::TargetIsSource(quoted(&target)));
-            }
+            let target = match obj.get("target") {
+                None | Some(Value::Null) => return Err(ContractError::MissingField("target")),
+                Some(v) => parse_target("target", v, topic_node)?,
+            };
             let options = parse_options(obj.get("options"))?;
             Ok(JobRequest::Migrate {
                 container,
                 target,
+                options,
+            })
+        }
+        "evacuate" => {
+            deny_unknown(&obj, "", &["action", "selector", "targets", "options"])?;
+            let selector = match obj.get("selector") {
+                None | Some(Value::Null) => Selector::default(),
+                Some(Value::Object(sel)) => {
+                    deny_unknown(sel, "selector.", &["label"])?;
+                    match sel.get("label") {
+                        None | Some(Value::Null) => Selector::default(),
+                        Some(Value::String(l)) => Selector::parse_label(l)?,
+                        Some(_) => {
+                            return Err(ContractError::WrongType {
+                                field: "selector.label",
+                                expected: "a string KEY=VALUE",
+                            })
+                        }
+                    }
+                }
+                Some(_) => {
+                    return Err(ContractError::WrongType {
+                        field: "selector",
+                        expected: "an object",
+                    })
+                }
+            };
+            let targets = match obj.get("targets") {
+                None | Some(Value::Null) => Target::Auto,
+                Some(v) => match parse_target("targets", v, topic_node)? {
+                    // One named node is a list of one: it is placed the same way.
+                    Target::Node(n) => Target::Among(vec![n]),
+                    t => t,
+                },
+            };
+            let options = parse_options(obj.get("options"))?;
+            Ok(JobRequest::Evacuate {
+                selector,
+                targets,
                 options,
             })
         }
@@ -379,6 +508,58 @@ pub fn parse_job(
             Ok(JobRequest::Cancel { job })
         }
         other => Err(ContractError::UnknownAction(quoted(other))),
+    }
+}
+
+/// A node id, `"auto"`, or a non-empty list of distinct node ids, none of
+/// them the source.
+fn parse_target(field: &'static str, v: &Value, topic_node: &str) -> Result<Target, ContractError> {
+    let node = |n: &str| -> Result<String, ContractError> {
+        validate_id(field, n)?;
+        if n == topic_node {
+            return Err(ContractError::TargetIsSource(quoted(n)));
+        }
+        if n == AUTO {
+            return Err(ContractError::Targets {
+                field,
+                reason: format!("{} is a word of the contract, not a node id", quoted(n)),
+            });
+        }
+        Ok(n.to_owned())
+    };
+    match v {
+        Value::String(s) if s == AUTO => Ok(Target::Auto),
+        Value::String(s) => Ok(Target::Node(node(s)?)),
+        Value::Array(list) => {
+            if list.is_empty() || list.len() > MAX_CANDIDATES {
+                return Err(ContractError::Targets {
+                    field,
+                    reason: format!("a list needs 1 to {MAX_CANDIDATES} node ids"),
+                });
+            }
+            let mut out: Vec<String> = Vec::with_capacity(list.len());
+            for item in list {
+                let Value::String(s) = item else {
+                    return Err(ContractError::WrongType {
+                        field,
+                        expected: "a node id, \"auto\" or a list of node ids",
+                    });
+                };
+                let n = node(s)?;
+                if out.contains(&n) {
+                    return Err(ContractError::Targets {
+                        field,
+                        reason: format!("{} is listed twice", quoted(&n)),
+                    });
+                }
+                out.push(n);
+            }
+            Ok(Target::Among(out))
+        }
+        _ => Err(ContractError::WrongType {
+            field,
+            expected: "a node id, \"auto\" or a list of node ids",
+        }),
     }
 }
 
@@ -589,6 +770,10 @@ impl<'de> Visitor<'de> for StrictVisitor {
 pub struct Accepted {
     pub job_id: String,
     pub node: String,
+    /// A migrate job: the node it goes to (chosen by the source when the
+    /// job said `"auto"` or gave a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// Published on `.../jobs/{id}/rejected`; `reason` names the bad field or the
@@ -619,6 +804,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The contract's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::InProgress => "in_progress",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::RolledBack => "rolled_back",
+            JobState::Canceled => "canceled",
+        }
+    }
+
     /// No further status follows a final one.
     pub fn is_final(self) -> bool {
         matches!(
@@ -686,6 +883,13 @@ pub struct JobStatus {
     pub old_addresses: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub new_addresses: BTreeMap<String, String>,
+    /// A placed job (`"auto"` or a list): why each candidate other than
+    /// `target` was not chosen.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub excluded: BTreeMap<String, String>,
+    /// A child of an evacuation: the evacuation's job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -721,6 +925,8 @@ impl JobStatus {
             position: None,
             old_addresses: BTreeMap::new(),
             new_addresses: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            parent: None,
             updated_ms,
         }
     }
@@ -746,9 +952,49 @@ pub struct NodeStatus {
     pub kernel: Option<String>,
     pub docker: Option<String>,
     pub data_addr: Option<String>,
+    /// Memory this node offers to incoming containers, in bytes: what the
+    /// kernel reports available, capped by the agent's `offer_memory`.
+    /// Placement needs at least the container's memory use here.
     pub free_mem: u64,
+    /// Free bytes in the work dir, where incoming checkpoints are staged.
+    /// Placement needs at least the container's memory use here.
     pub free_disk: u64,
+    /// Migrations running on this node (either role) and queued: placement
+    /// prefers the node with the fewest.
     pub jobs: u32,
+    pub updated_ms: u64,
+}
+
+/// One container of an evacuation, as the evacuation's status lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvacuationChild {
+    /// `{evacuation id}.{n}`, n counting from 1; its own status is on
+    /// `.../jobs/{job_id}/status` of the evacuated node.
+    pub job_id: String,
+    pub container: String,
+    /// The node chosen for it, once placed.
+    #[serde(default)]
+    pub target: Option<String>,
+    pub state: JobState,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Retained on `.../jobs/{id}/status` of an evacuate job: `action` tells it
+/// from a migration's [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvacuationStatus {
+    pub job_id: String,
+    pub node: String,
+    /// Always `"evacuate"`.
+    pub action: String,
+    /// The label matched, `KEY=VALUE`.
+    pub selector: String,
+    /// `succeeded` only when every matching container runs elsewhere.
+    pub state: JobState,
+    pub children: Vec<EvacuationChild>,
+    #[serde(default)]
+    pub error: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -787,7 +1033,7 @@ mod tests {
             j,
             JobRequest::Migrate {
                 container: "counter".into(),
-                target: "node-b".into(),
+                target: Target::Node("node-b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("10MiB/s".into())),
                     zstd_level: 5,
@@ -805,7 +1051,7 @@ mod tests {
             j,
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions::default()
             }
         );
@@ -875,7 +1121,7 @@ mod tests {
         for j in [
             JobRequest::Migrate {
                 container: "counter".into(),
-                target: "node-b".into(),
+                target: Target::Node("node-b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("20MiB/s".into())),
                     zstd_level: 7,
@@ -885,7 +1131,7 @@ mod tests {
             },
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Bytes(1000)),
                     zstd_level: 1,
@@ -895,7 +1141,7 @@ mod tests {
             },
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions::default(),
             },
             JobRequest::Cancel { job: "j0".into() },
@@ -905,6 +1151,117 @@ mod tests {
         }
         let v: Value = serde_json::to_value(JobRequest::Cancel { job: "j0".into() }).unwrap();
         assert_eq!(v, serde_json::json!({"action": "cancel", "job": "j0"}));
+    }
+
+    #[test]
+    fn a_target_is_a_node_auto_or_a_list_of_candidates() {
+        let with = |t: &str| format!(r#"{{"action":"migrate","container":"c","target":{t}}}"#);
+        let target = |t: &str| match job(&with(t)) {
+            Ok(JobRequest::Migrate { target, .. }) => target,
+            other => panic!("{t}: {other:?}"),
+        };
+        assert_eq!(target(r#""auto""#), Target::Auto);
+        assert_eq!(target(r#""b""#), Target::Node("b".into()));
+        assert_eq!(
+            target(r#"["b","c"]"#),
+            Target::Among(vec!["b".into(), "c".into()])
+        );
+        for (t, want) in [
+            ("[]", r#"invalid target: a list needs 1 to 64 node ids"#),
+            (r#"["b","b"]"#, r#"invalid target: "b" is listed twice"#),
+            (
+                r#"["b","node-a"]"#,
+                r#"target equals the source node "node-a""#,
+            ),
+            (
+                r#"["b",3]"#,
+                r#"invalid field "target": expected a node id, "auto" or a list of node ids"#,
+            ),
+            (r#"["b/x"]"#, "invalid target \"b/x\": contains '/'"),
+            (
+                r#"["auto"]"#,
+                r#"invalid target: "auto" is a word of the contract, not a node id"#,
+            ),
+        ] {
+            let got = reason(&with(t));
+            assert!(got.starts_with(want), "{t}: {got}");
+        }
+        for t in [Target::Auto, Target::Among(vec!["x".into(), "y".into()])] {
+            let j = JobRequest::Migrate {
+                container: "c".into(),
+                target: t,
+                options: MigrateOptions::default(),
+            };
+            let bytes = serde_json::to_vec(&j).unwrap();
+            assert_eq!(parse_job("node-a", "job-1", &bytes).unwrap(), j);
+        }
+    }
+
+    #[test]
+    fn state_words_are_the_serialized_ones() {
+        use JobState::*;
+        for s in [Queued, InProgress, Succeeded, Failed, RolledBack, Canceled] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn evacuate_defaults_to_the_migrate_label_and_auto_placement() {
+        let j = job(r#"{"action":"evacuate"}"#).unwrap();
+        assert_eq!(
+            j,
+            JobRequest::Evacuate {
+                selector: Selector::default(),
+                targets: Target::Auto,
+                options: MigrateOptions::default(),
+            }
+        );
+        assert_eq!(Selector::default().label(), "ferry.migrate=true");
+        let j = job(
+            r#"{"action":"evacuate","selector":{"label":"tier=edge=1"},"targets":"b",
+                "options":{"zstd_level":1}}"#,
+        )
+        .unwrap();
+        let JobRequest::Evacuate {
+            selector,
+            targets,
+            options,
+        } = &j
+        else {
+            panic!("{j:?}")
+        };
+        assert_eq!(
+            (selector.label_key.as_str(), selector.label_value.as_str()),
+            ("tier", "edge=1")
+        );
+        assert_eq!(targets, &Target::Among(vec!["b".into()]));
+        assert_eq!(options.zstd_level, 1);
+        let bytes = serde_json::to_vec(&j).unwrap();
+        assert_eq!(parse_job("node-a", "job-1", &bytes).unwrap(), j);
+        for (payload, want) in [
+            (
+                r#"{"action":"evacuate","selector":{"label":"=x"}}"#,
+                r#"invalid selector.label "=x": expected KEY=VALUE"#,
+            ),
+            (
+                r#"{"action":"evacuate","selector":{"label":"x"}}"#,
+                r#"invalid selector.label "x": expected KEY=VALUE"#,
+            ),
+            (
+                r#"{"action":"evacuate","selector":{"name":"x"}}"#,
+                r#"unknown field "selector.name""#,
+            ),
+            (
+                r#"{"action":"evacuate","targets":["node-a"]}"#,
+                r#"target equals the source node "node-a""#,
+            ),
+            (
+                r#"{"action":"evacuate","container":"c"}"#,
+                r#"unknown field "container""#,
+            ),
+        ] {
+            assert_eq!(reason(payload), want, "{payload}");
+        }
     }
 
     #[test]
@@ -924,7 +1281,7 @@ mod tests {
             ),
             (
                 r#"{"action":"x"}"#,
-                r#"unknown action "x" (expected migrate or cancel)"#,
+                r#"unknown action "x" (expected migrate, evacuate or cancel)"#,
             ),
             (
                 r#"{"action":"migrate","container":"c"}"#,
@@ -1300,6 +1657,7 @@ mod tests {
         let a = Accepted {
             job_id: "j".into(),
             node: "a".into(),
+            target: None,
         };
         assert_eq!(
             serde_json::to_value(&a).unwrap(),

@@ -106,6 +106,15 @@ impl<E: Engine> Engine for Deadlines<E> {
         within("inspect", name, self.limits.call, self.inner.inspect(name)).await
     }
 
+    async fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
+        let f = self.inner.list_running(key, value);
+        within("list_running", key, self.limits.call, f).await
+    }
+
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
         let f = self.inner.memory_usage(id);
         within("memory_usage", id, self.limits.call, f).await

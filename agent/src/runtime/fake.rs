@@ -452,6 +452,23 @@ impl Engine for FakeEngine {
         })
     }
 
+    async fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
+        self.enter("list_running", key)?;
+        let s = self.state();
+        let mut out: Vec<(String, String)> = s
+            .containers
+            .iter()
+            .filter(|(_, e)| e.running && e.spec.create_body["Labels"][key].as_str() == Some(value))
+            .map(|(id, e)| (id.clone(), e.name.clone()))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(out)
+    }
+
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
         self.enter("memory_usage", id)?;
         Ok(64 * 1024)

@@ -123,6 +123,12 @@ pub enum RuntimeError {
 pub trait Engine: state::StateEngine + Send + Sync {
     fn info(&self) -> impl Future<Output = Result<EngineInfo, RuntimeError>> + Send;
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Container, RuntimeError>> + Send;
+    /// The running containers labelled `key=value`: (id, name), by name.
+    fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, RuntimeError>> + Send;
     /// Memory the container uses now: the size its checkpoint will have.
     fn memory_usage(&self, id: &str) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;

@@ -35,6 +35,8 @@ pub struct MigrateJob {
     pub tcp: TcpMode,
     /// Whether the container's bind mounts exist on the target as here.
     pub bind_mounts: BindMounts,
+    /// The manager's signed order, passed on to the target in `Prepare`.
+    pub order: Option<crate::mqtt::contract::Envelope>,
 }
 
 /// The file an exported image travels as, in its own folder.
@@ -312,6 +314,8 @@ impl<E: Engine> Driver<'_, E> {
             estimate_bytes: self.estimate,
             arch: node.engine_info.arch.clone(),
             page_size: node.page_size,
+            container_id: self.container()?.id.clone(),
+            order: job.order.clone(),
         }));
         let mut conn = node.dialer.dial(&job.target, &addr).await?;
         let failed = |source| MigrationError::Prepare {

@@ -141,6 +141,7 @@ pub(crate) fn test_node(
         },
         peers: Peers::default(),
         jobs: JobRegistry::new(id),
+        orders: crate::order::Orders::open(),
     };
     (Arc::new(node), statuses)
 }
@@ -245,6 +246,7 @@ impl Pair {
             zstd_level: 3,
             tcp,
             bind_mounts: Default::default(),
+            order: None,
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -939,6 +941,8 @@ fn prepare(job: &str) -> Prepare {
         estimate_bytes: 1 << 20,
         arch: "x86_64".into(),
         page_size: 4096,
+        container_id: String::new(),
+        order: None,
     }
 }
 

@@ -219,6 +219,13 @@ impl ManagerKey {
         })
     }
 
+    /// A key from its 32-byte seed (tests and fuzzing use fixed ones).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        ManagerKey {
+            key: SigningKey::from_bytes(seed),
+        }
+    }
+
     /// Reads a PKCS#8 PEM private key (`order.key`).
     pub fn load(path: &Path) -> Result<Self, OrderError> {
         let pem = zeroize::Zeroizing::new(read_pem(path)?);
@@ -288,12 +295,20 @@ impl ManagerKey {
         // What the agent will parse: a job the agent would reject is not
         // signed at all.
         contract::parse_signed_job(node, job_id, &text)?;
-        let sig = self.key.sign(text.as_bytes());
-        Ok(Envelope {
-            job: text,
+        Ok(self.sign_text(text))
+    }
+
+    /// The envelope of exactly `job`, whatever it holds: what [`sign`]
+    /// ends with, and what a script signing by hand produces.
+    ///
+    /// [`sign`]: ManagerKey::sign
+    pub fn sign_text(&self, job: String) -> Envelope {
+        let sig = self.key.sign(job.as_bytes());
+        Envelope {
+            job,
             sig: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
             key_id: Some(self.id()),
-        })
+        }
     }
 }
 

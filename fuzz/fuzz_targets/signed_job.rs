@@ -87,7 +87,11 @@ fuzz_target!(|data: &[u8]| {
             let envelope = k.manager.sign_text(job);
             let with_key = k.signed.admit(NODE, &id, &payload(&envelope), now);
             let without = k.open.admit(NODE, &id, &payload(&envelope), now);
-            assert_eq!(with_key.is_ok(), without.is_ok(), "{with_key:?} / {without:?}");
+            assert_eq!(
+                with_key.is_ok(),
+                without.is_ok(),
+                "{with_key:?} / {without:?}"
+            );
             if let Ok(order) = with_key {
                 let (back, v) = order.signed.expect("admitted as signed");
                 assert_eq!(back, envelope);

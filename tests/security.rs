@@ -70,6 +70,8 @@ fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &
         estimate_bytes: MIB,
         arch: target_status["arch"].as_str().unwrap_or("").to_string(),
         page_size: target_status["page_size"].as_u64().unwrap_or(0),
+        container_id: String::new(),
+        order: None,
     }
 }
 

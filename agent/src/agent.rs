@@ -28,6 +28,7 @@ use crate::mqtt::contract::{
     MigrateOptions, NodeStatus, RateSpec, Rejected, Role, Target, TopicKind, Topics,
 };
 use crate::mqtt::{self, Ack, ClientSettings, Inbound, JobLedger, MqttHandle};
+use crate::order::{OrderError, OrderKey, Orders};
 use crate::runtime::{Container, Deadlines, Docker, Engine, EngineDeadlines};
 use crate::stream::ratelimit::parse_rate;
 
@@ -59,6 +60,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("order_key: {0}")]
+    OrderKey(Box<crate::order::OrderError>),
     #[error("mqtt: the broker connection task ended")]
     BrokerTaskEnded,
 }
@@ -122,6 +125,7 @@ impl Agent {
             warn!(%why, "CRIU does not work here: this node can neither send nor receive migrations");
         }
         let ledger = open_work_dir(config)?;
+        let orders = open_orders(config)?;
         if config.insecure {
             warn!("--insecure: plain TCP is allowed where no TLS is configured; never use this on a real fleet");
         }
@@ -171,6 +175,7 @@ impl Agent {
             timeouts,
             peers: Peers::default(),
             jobs: JobRegistry::new(&config.node_id),
+            orders,
         });
         if let (Ok(_), Some(why)) = (&node.criu, node.criu_problem()) {
             warn!(%why, "this node can neither send nor receive migrations");
@@ -183,6 +188,7 @@ impl Agent {
             data = %advertise,
             work_dir = %config.work_dir.display(),
             state_dir = %config.state_dir.display(),
+            order_key = node.orders.key().map_or("none", |k| k.id()),
             "agent started"
         );
         let tasks = TaskTracker::new();
@@ -348,22 +354,34 @@ impl Agent {
             warn!(error = %e, "ignoring job with an invalid id");
             return;
         }
+        // Signature, node, id and time first: an order that is not the
+        // manager's neither runs nor uses up its id.
+        let order =
+            match self
+                .node
+                .orders
+                .admit(&self.node.id, job_id, payload, crate::order::unix_now())
+            {
+                Ok(o) => o,
+                Err(e) => return replies.send(job_id, Err(e)).await,
+            };
         match self.ledger.first_seen(job_id) {
             Ok(true) => {}
             Ok(false) => {
                 info!(job = %job_id, "job seen before; not run again");
-                return;
+                let replayed = OrderError::Replayed {
+                    job_id: job_id.to_string(),
+                    node: self.node.id.clone(),
+                };
+                return replies.send(job_id, Err(replayed)).await;
             }
             Err(e) => {
                 let reason = format!("cannot record job id in the work dir: {e}");
                 return replies.send(job_id, Err(reason)).await;
             }
         }
-        let request = match contract::parse_job(&self.node.id, job_id, payload) {
-            Ok(r) => r,
-            Err(e) => return replies.send(job_id, Err(e)).await,
-        };
-        match request {
+        let envelope = order.signed.map(|(envelope, _)| envelope);
+        match order.request {
             JobRequest::Cancel { job } if self.evacuations.cancel(&job) => {
                 info!(evacuation = %job, "evacuation canceled");
                 replies.send(job_id, Ok::<(), String>(())).await
@@ -374,10 +392,11 @@ impl Agent {
                 target,
                 options,
             } => {
-                let job = match migrate_job(job_id, container, &target, options) {
+                let mut job = match migrate_job(job_id, container, &target, options) {
                     Ok(j) => j,
                     Err(reason) => return replies.send(job_id, Err(reason)).await,
                 };
+                job.order = envelope;
                 self.spawn_migration(job, target);
             }
             JobRequest::Evacuate {
@@ -387,10 +406,13 @@ impl Agent {
             } => {
                 // A template for the children: each gets its own id,
                 // container and target.
-                let template = match migrate_job(job_id, String::new(), &targets, options) {
+                let mut template = match migrate_job(job_id, String::new(), &targets, options) {
                     Ok(j) => j,
                     Err(reason) => return replies.send(job_id, Err(reason)).await,
                 };
+                // Every child carries the evacuation's order: the target
+                // checks the child's id and container against it.
+                template.order = envelope;
                 let listed = self
                     .node
                     .engine
@@ -521,6 +543,24 @@ fn open_work_dir(config: &AgentConfig) -> Result<JobLedger, AgentError> {
     }
     let ledger = config.state_dir.join(JobLedger::FILE_NAME);
     JobLedger::open(&ledger).map_err(failed(&ledger))
+}
+
+/// The manager's public key from `order_key`, and the target's ledger of
+/// the signed incoming jobs it accepted; without a key, every well-formed
+/// job is run, with a warning.
+fn open_orders(config: &AgentConfig) -> Result<Orders, AgentError> {
+    let Some(path) = &config.order_key else {
+        warn!("no order_key: unsigned jobs are run, and anyone who may publish to this node's job topic can order a migration; set order_key to the manager's order.pub (development beds only without)");
+        return Ok(Orders::open());
+    };
+    let key = OrderKey::load(path).map_err(|e| AgentError::OrderKey(Box::new(e)))?;
+    let ledger = config.state_dir.join(crate::order::INCOMING_LEDGER);
+    let incoming = JobLedger::open(&ledger).map_err(|source| AgentError::WorkDir {
+        path: ledger,
+        source,
+    })?;
+    info!(key_id = %key.id(), path = %path.display(), "jobs must be signed by the manager's order key");
+    Ok(Orders::signed(key, incoming))
 }
 
 fn broker_settings(
@@ -654,6 +694,7 @@ fn migrate_job(
         bind_mounts: options.bind_mounts,
         excluded: Default::default(),
         parent: None,
+        order: None,
     })
 }
 
@@ -1018,6 +1059,7 @@ mod tests {
             bind_mounts: Default::default(),
             excluded: Default::default(),
             parent: None,
+            order: None,
         }
     }
 

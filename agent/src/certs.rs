@@ -7,7 +7,11 @@
 //!   added later without re-issuing everyone's trust anchor;
 //! - `broker.pem`, `broker.key`: server certificate, SANs = broker hosts;
 //! - `<node>.pem`, `<node>.key` and `<manager>.pem`, `<manager>.key`:
-//!   CN = DNS SAN = the name, usable as TLS client and server.
+//!   CN = DNS SAN = the name, usable as TLS client and server;
+//! - `order.key`, `order.pub`: the manager's Ed25519 key for signing jobs
+//!   (see [`crate::order`]); `order.pub` goes to every agent
+//!   (`--order-key`). Reused when both exist, like the CA: a new one would
+//!   have to be given to every agent again.
 //!
 //! Leaf certificates are issued anew on every run; keys are mode 0600.
 
@@ -54,6 +58,10 @@ pub enum CertsError {
     InvalidSpec(String),
     #[error("existing CA in {dir}: {reason}")]
     ExistingCa { dir: PathBuf, reason: String },
+    #[error("existing order key in {dir}: {reason}")]
+    ExistingOrderKey { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Order(#[from] crate::order::OrderError),
     #[error("generating {what}: {source}")]
     Generate {
         what: String,
@@ -167,7 +175,45 @@ pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
         ];
         issue(out_dir, name, params, &ca)?;
     }
+    load_or_create_order_key(out_dir)?;
     Ok(())
+}
+
+/// The manager's order signing key in `dir`: reused when both files are
+/// there and belong together, else created.
+fn load_or_create_order_key(dir: &Path) -> Result<(), CertsError> {
+    use crate::order::{ManagerKey, OrderKey, ORDER_KEY_FILE, ORDER_PUB_FILE};
+    let (key_path, pub_path) = (dir.join(ORDER_KEY_FILE), dir.join(ORDER_PUB_FILE));
+    let existing = |reason: String| CertsError::ExistingOrderKey {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    match (key_path.exists(), pub_path.exists()) {
+        (true, true) => {
+            let key = ManagerKey::load(&key_path)?;
+            let public = OrderKey::load(&pub_path)?;
+            if key.id() != public.id() {
+                return Err(existing(format!(
+                    "{ORDER_PUB_FILE} ({}) is not the public key of {ORDER_KEY_FILE} ({})",
+                    public.id(),
+                    key.id()
+                )));
+            }
+            Ok(())
+        }
+        (false, false) => {
+            let key = ManagerKey::generate()?;
+            let (private, public) = key.to_pem()?;
+            write_file(&key_path, private.as_bytes(), 0o600)?;
+            write_file(&pub_path, public.as_bytes(), 0o644)
+        }
+        (true, false) => Err(existing(format!(
+            "{ORDER_KEY_FILE} without {ORDER_PUB_FILE}"
+        ))),
+        (false, true) => Err(existing(format!(
+            "{ORDER_PUB_FILE} without {ORDER_KEY_FILE}"
+        ))),
+    }
 }
 
 /// Valid from a little before `now` (since the epoch) for `days`.
@@ -391,7 +437,13 @@ mod tests {
     fn keys_are_private() {
         let dir = TempDir::new("certs-mode");
         generate(dir.path(), &spec(&["edge-1"])).unwrap();
-        for file in ["ca.key", "broker.key", "edge-1.key", "manager.key"] {
+        for file in [
+            "ca.key",
+            "broker.key",
+            "edge-1.key",
+            "manager.key",
+            "order.key",
+        ] {
             let mode = fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
         }
@@ -401,6 +453,67 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode & 0o044, 0o044, "certificates are readable");
+    }
+
+    #[test]
+    fn the_order_key_is_kept_and_openssl_reads_it() {
+        let dir = TempDir::new("certs-order");
+        generate(dir.path(), &spec(&["edge-1"])).unwrap();
+        let key = fs::read(dir.join("order.key")).unwrap();
+        let public = fs::read(dir.join("order.pub")).unwrap();
+        generate(dir.path(), &spec(&["edge-1", "edge-2"])).unwrap();
+        assert_eq!(fs::read(dir.join("order.key")).unwrap(), key);
+        assert_eq!(fs::read(dir.join("order.pub")).unwrap(), public);
+        let (ok, out) = openssl(dir.path(), &["pkey", "-in", "order.key", "-noout", "-text"]);
+        assert!(ok && out.contains("ED25519"), "{out}");
+        let (ok, out) = openssl(
+            dir.path(),
+            &["pkey", "-pubin", "-in", "order.pub", "-noout", "-text"],
+        );
+        assert!(ok && out.contains("ED25519"), "{out}");
+
+        // openssl signs an order the agent's key check accepts: any script
+        // can sign without ferry.
+        let job = r#"{"action":"cancel","job":"j0","node":"edge-1","job_id":"j1","issued_at":1,"expires_at":2}"#;
+        fs::write(dir.join("job.json"), job).unwrap();
+        let (ok, out) = openssl(
+            dir.path(),
+            &[
+                "pkeyutl",
+                "-sign",
+                "-rawin",
+                "-inkey",
+                "order.key",
+                "-in",
+                "job.json",
+                "-out",
+                "job.sig",
+            ],
+        );
+        assert!(ok, "{out}");
+        use base64::Engine as _;
+        let envelope = crate::mqtt::contract::Envelope {
+            job: job.into(),
+            sig: base64::engine::general_purpose::STANDARD
+                .encode(fs::read(dir.join("job.sig")).unwrap()),
+            key_id: None,
+        };
+        let public = crate::order::OrderKey::load(&dir.join("order.pub")).unwrap();
+        public.verify(&envelope).unwrap();
+
+        // A public key that is not the signing key's is refused.
+        let other = TempDir::new("certs-order-other");
+        generate(other.path(), &spec(&["edge-1"])).unwrap();
+        fs::copy(other.join("order.pub"), dir.join("order.pub")).unwrap();
+        let err = generate(dir.path(), &spec(&["edge-1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("order.pub ("), "{err}");
+        fs::remove_file(dir.join("order.pub")).unwrap();
+        let err = generate(dir.path(), &spec(&["edge-1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("order.key without order.pub"), "{err}");
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct AgentSettings {
     /// This node's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// The fleet manager's public order key (PEM, `order.pub` from `ferry certs`): only jobs it signed are run. Without it any well-formed job is (development only).
+    #[arg(long)]
+    pub order_key: Option<PathBuf>,
     /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).
     #[arg(long)]
     #[serde(default)]
@@ -148,6 +151,7 @@ impl AgentSettings {
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            order_key: self.order_key.or(file.order_key),
             insecure: self.insecure || file.insecure,
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
             checkpoint_with: self.checkpoint_with.or(file.checkpoint_with),
@@ -258,8 +262,12 @@ impl AgentSettings {
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         absolute("state_dir", &state_dir)?;
+        if let Some(key) = &self.order_key {
+            absolute("order_key", key)?;
+        }
         Ok(AgentConfig {
             offer_memory: self.offer_memory,
+            order_key: self.order_key,
             runc,
             criu_config,
             node_id,
@@ -297,6 +305,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub topics: Topics,
     pub tls: Option<crate::stream::tls::TlsFiles>,
+    /// The manager's public order key; `None`: unsigned jobs are accepted.
+    pub order_key: Option<PathBuf>,
     pub insecure: bool,
     pub drain_timeout: Duration,
     /// How checkpoints reach runc; `None`: through the engine's own call.
@@ -525,6 +535,13 @@ mod tests {
                     ..minimal()
                 },
                 "state_dir",
+            ),
+            (
+                AgentSettings {
+                    order_key: Some("order.pub".into()),
+                    ..minimal()
+                },
+                "order_key",
             ),
         ];
         for (settings, field) in cases {

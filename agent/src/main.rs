@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_agent::cli::{self, BrokerArgs, EvacuateArgs, MigrateArgs};
+use ferry_agent::cli::{self, BrokerArgs, EvacuateArgs, MigrateArgs, SignArgs};
 use ferry_agent::config::AgentSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +46,18 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Create a development fleet CA and certificates for a broker, nodes and a manager.
+    /// Sign a job for a script: reads the job JSON on stdin, prints the envelope to publish on {root}/{node}/jobs/{job-id}.
+    Sign {
+        /// The node the job is for (the topic's node).
+        #[arg(long)]
+        node: String,
+        /// The job id (the topic's last level).
+        #[arg(long)]
+        job_id: String,
+        #[command(flatten)]
+        signing: SignArgs,
+    },
+    /// Create a development fleet CA, certificates for a broker, nodes and a manager, and the manager's order signing key.
     Certs {
         #[arg(long)]
         out: PathBuf,
@@ -119,6 +130,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::nodes(broker).await?;
         }
         Command::Watch { job, broker } => cli::watch(broker, job).await?,
+        Command::Sign {
+            node,
+            job_id,
+            signing,
+        } => {
+            let mut job = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut job)
+                .context("reading the job from standard input")?;
+            println!("{}", cli::sign(&signing, &node, &job_id, &job)?);
+        }
         Command::Certs {
             out,
             nodes,
@@ -135,7 +156,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     days,
                 },
             )?;
-            println!("wrote the fleet CA and certificates to {}", out.display());
+            println!(
+                "wrote the fleet CA, certificates and the order key ({}, for the agents: {}) to {}",
+                ferry_agent::order::ORDER_KEY_FILE,
+                ferry_agent::order::ORDER_PUB_FILE,
+                out.display()
+            );
         }
     }
     Ok(())

@@ -193,6 +193,104 @@ pub struct MigrateArgs {
     pub job_id: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub signing: SignArgs,
+}
+
+/// How the manager signs the jobs it publishes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SignArgs {
+    /// The manager's order signing key (order.key from ferry certs). Without it the job goes out unsigned, which only agents without an order key accept.
+    #[arg(long, env = "FERRY_ORDER_KEY")]
+    pub order_key: Option<PathBuf>,
+    /// Seconds the signed job stays valid (at most a day).
+    #[arg(long, default_value_t = crate::order::DEFAULT_TTL.as_secs())]
+    pub order_ttl: u64,
+}
+
+/// Signs the manager's jobs (or, without a key, leaves them bare): what
+/// every command that publishes a job uses.
+#[derive(Debug)]
+pub struct JobSigner {
+    key: Option<crate::order::ManagerKey>,
+    ttl: Duration,
+}
+
+impl JobSigner {
+    pub fn new(args: &SignArgs) -> Result<Self, CliError> {
+        let ttl = Duration::from_secs(args.order_ttl);
+        if ttl.is_zero() || ttl > crate::order::MAX_LIFETIME {
+            return Err(CliError::Invalid {
+                field: "--order-ttl",
+                message: format!(
+                    "{} s: must be 1 to {} s",
+                    args.order_ttl,
+                    crate::order::MAX_LIFETIME.as_secs()
+                ),
+            });
+        }
+        let key = args
+            .order_key
+            .as_deref()
+            .map(crate::order::ManagerKey::load)
+            .transpose()
+            .map_err(|e| CliError::Invalid {
+                field: "--order-key",
+                message: e.to_string(),
+            })?;
+        Ok(JobSigner { key, ttl })
+    }
+
+    pub fn is_signing(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The payload to publish on `{root}/{node}/jobs/{job_id}`: the job in
+    /// a signed envelope issued now, or the bare job without a key.
+    pub fn payload(
+        &self,
+        job: &serde_json::Value,
+        node: &str,
+        job_id: &str,
+    ) -> Result<serde_json::Value, CliError> {
+        let Some(key) = &self.key else {
+            return Ok(job.clone());
+        };
+        let invalid = |message: String| CliError::Invalid {
+            field: "job",
+            message,
+        };
+        let serde_json::Value::Object(obj) = job else {
+            return Err(invalid("a job must be a JSON object".into()));
+        };
+        let envelope = key
+            .sign(obj, node, job_id, crate::order::unix_now(), self.ttl)
+            .map_err(|e| invalid(e.to_string()))?;
+        serde_json::to_value(envelope).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// `ferry sign`: the envelope of the job JSON `job` for `node` as
+/// `job_id`, as one line of JSON.
+pub fn sign(signing: &SignArgs, node: &str, job_id: &str, job: &str) -> Result<String, CliError> {
+    let signer = JobSigner::new(signing)?;
+    if !signer.is_signing() {
+        return Err(CliError::Invalid {
+            field: "--order-key",
+            message: "ferry sign needs the manager's order key".into(),
+        });
+    }
+    for (field, v) in [("--node", node), ("--job-id", job_id)] {
+        crate::mqtt::contract::validate_id(field, v).map_err(|e| CliError::Invalid {
+            field: "arguments",
+            message: e.to_string(),
+        })?;
+    }
+    let job: serde_json::Value = serde_json::from_str(job).map_err(|e| CliError::Invalid {
+        field: "job",
+        message: format!("standard input is not JSON: {e}"),
+    })?;
+    Ok(signer.payload(&job, node, job_id)?.to_string())
 }
 
 /// `--to`: a node, `auto`, or `a,b,c` (candidates).
@@ -257,6 +355,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
             message: e.to_string(),
         })?;
     }
+    let signer = JobSigner::new(&args.signing)?;
     let topics = topics(&args.broker.topic_root)?;
     let job_topic = topics.job(&args.from, &job_id);
     let subscriptions = vec![
@@ -277,9 +376,15 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
         "target": target,
         "options": options,
     });
+    let payload = signer.payload(&job, &args.from, &job_id)?;
+    if !signer.is_signing() {
+        eprintln!(
+            "no --order-key: job {job_id} goes out unsigned; agents with an order key reject it"
+        );
+    }
     session
         .handle
-        .publish_json(&job_topic, &job, false)
+        .publish_json(&job_topic, &payload, false)
         .await
         .map_err(|e| CliError::Broker(e.to_string()))?;
     eprintln!(
@@ -378,6 +483,8 @@ pub struct EvacuateArgs {
     pub job_id: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub signing: SignArgs,
 }
 
 /// Publishes an evacuate job and follows it, one progress line per
@@ -399,6 +506,7 @@ pub async fn evacuate(args: EvacuateArgs) -> Result<EvacuationStatus, CliError> 
         message: e.to_string(),
     })?;
     let targets = parse_to(&args.to)?;
+    let signer = JobSigner::new(&args.signing)?;
     let topics = topics(&args.broker.topic_root)?;
     let subscriptions = vec![
         topics.job_accepted(&args.node, &job_id),
@@ -412,9 +520,15 @@ pub async fn evacuate(args: EvacuateArgs) -> Result<EvacuationStatus, CliError> 
         "targets": targets,
         "options": job_options(args.zstd_level, args.tcp, args.rate_limit.as_ref(), None),
     });
+    let payload = signer.payload(&job, &args.node, &job_id)?;
+    if !signer.is_signing() {
+        eprintln!(
+            "no --order-key: job {job_id} goes out unsigned; agents with an order key reject it"
+        );
+    }
     session
         .handle
-        .publish_json(&topics.job(&args.node, &job_id), &job, false)
+        .publish_json(&topics.job(&args.node, &job_id), &payload, false)
         .await
         .map_err(|e| CliError::Broker(e.to_string()))?;
     eprintln!(
@@ -799,6 +913,58 @@ mod tests {
         );
         let e = parse_to("b,,c").unwrap_err().to_string();
         assert_eq!(e, "invalid --to: invalid node \"\": must not be empty");
+    }
+
+    #[test]
+    fn sign_prints_an_envelope_the_agent_admits() {
+        let dir = crate::stream::testutil::TempDir::new("cli-sign");
+        crate::certs::generate(
+            dir.path(),
+            &crate::certs::FleetSpec {
+                nodes: vec!["node1".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let args = SignArgs {
+            order_key: Some(dir.join(crate::order::ORDER_KEY_FILE)),
+            order_ttl: 60,
+        };
+        let job = r#"{"action":"cancel","job":"j0"}"#;
+        let line = sign(&args, "node1", "j1", job).unwrap();
+        assert!(!line.contains('\n'));
+        let public = crate::order::OrderKey::load(&dir.join(crate::order::ORDER_PUB_FILE)).unwrap();
+        let ledger = crate::mqtt::JobLedger::open(dir.join(crate::order::INCOMING_LEDGER)).unwrap();
+        let orders = crate::order::Orders::signed(public, ledger);
+        let now = crate::order::unix_now();
+        let order = orders.admit("node1", "j1", line.as_bytes(), now).unwrap();
+        assert_eq!(
+            order.request,
+            crate::mqtt::JobRequest::Cancel { job: "j0".into() }
+        );
+        let (_, validity) = order.signed.unwrap();
+        assert_eq!(validity.expires_at - validity.issued_at, 60);
+        // Checked before anything is signed.
+        for (node, id, job, want) in [
+            ("node/1", "j1", job, "invalid --node"),
+            ("node1", "j1", "{", "standard input is not JSON"),
+            ("node1", "j1", "[1]", "a job must be a JSON object"),
+        ] {
+            let err = sign(&args, node, id, job).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let err = sign(
+            &SignArgs {
+                order_ttl: 86_401,
+                ..args.clone()
+            },
+            "node1",
+            "j1",
+            job,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--order-ttl"), "{err}");
     }
 
     #[test]

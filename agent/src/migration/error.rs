@@ -123,6 +123,9 @@ pub enum MigrationError {
     RemoveVolumes(Box<StateError>),
 
     // --- target
+    /// The signed order does not allow what the prepare asks.
+    #[error("order: {0}")]
+    Order(#[from] crate::order::OrderError),
     #[error("bad prepare: {0}")]
     BadPrepare(ProtocolError),
     #[error("expected prepare as the first message")]

@@ -95,6 +95,9 @@ pub struct Node<E> {
     pub timeouts: Timeouts,
     pub peers: Peers,
     pub jobs: JobRegistry,
+    /// Whether orders must be signed by the manager, and the target's
+    /// ledger of the signed incoming jobs it accepted.
+    pub orders: crate::order::Orders,
 }
 
 impl<E> Node<E> {

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! source                                 target
-//!   Prepare{job, spec, state, estimate} ->  precheck; has the image?
+//!   Prepare{job, spec, state, estimate,
+//!           the signed order}        ->  the order checked; precheck; has the image?
 //!                                 <-      SendImage{have}      (only if not)
 //!   (the image stream)            ->      load it              (only if asked)
 //!                                         tag the image, create the volumes
@@ -59,6 +60,14 @@ pub struct Prepare {
     /// The source engine's view, checked again by the target.
     pub arch: String,
     pub page_size: u64,
+    /// The container's full id on the source: a signed order may name the
+    /// container by id.
+    #[serde(default)]
+    pub container_id: String,
+    /// The manager's signed order for this job, as the source received it;
+    /// a target with the manager's key checks it itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<crate::mqtt::contract::Envelope>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,6 +39,8 @@ pub struct MigrateJob {
     pub excluded: std::collections::BTreeMap<String, String>,
     /// A child of an evacuation: the evacuation's job id.
     pub parent: Option<String>,
+    /// The manager's signed order, passed on to the target in `Prepare`.
+    pub order: Option<crate::mqtt::contract::Envelope>,
 }
 
 /// The file an exported image travels as, in its own folder.
@@ -319,6 +321,8 @@ impl<E: Engine> Driver<'_, E> {
             estimate_bytes: self.estimate,
             arch: node.engine_info.arch.clone(),
             page_size: node.page_size,
+            container_id: self.container()?.id.clone(),
+            order: job.order.clone(),
         }));
         let mut conn = node.dialer.dial(&job.target, &addr).await?;
         let failed = |source| MigrationError::Prepare {

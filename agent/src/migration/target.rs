@@ -36,7 +36,14 @@ where
     let refused = match first {
         Ok(Ok(ToTarget::Prepare(prepare))) => {
             // Identity and naming checks come before anything is published.
-            match check::prepare_identity(&prepare, &node.id, peer.as_deref()) {
+            let checked = check::prepare_identity(&prepare, &node.id, peer.as_deref())
+                .map_err(MigrationError::from)
+                .and_then(|()| {
+                    node.orders
+                        .admit_prepare(&prepare, &node.id, crate::order::unix_now())
+                        .map_err(MigrationError::from)
+                });
+            match checked {
                 Ok(()) => {
                     match node
                         .jobs
@@ -50,7 +57,7 @@ where
                         Err(e) => MigrationError::from(e),
                     }
                 }
-                Err(e) => e.into(),
+                Err(e) => e,
             }
         }
         Ok(Ok(_)) => MigrationError::NotPrepare,

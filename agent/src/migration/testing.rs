@@ -141,6 +141,7 @@ pub(crate) fn test_node(
         },
         peers: Peers::default(),
         jobs: JobRegistry::new(id),
+        orders: crate::order::Orders::open(),
     };
     (Arc::new(node), statuses)
 }
@@ -247,6 +248,7 @@ impl Pair {
             bind_mounts: Default::default(),
             excluded: Default::default(),
             parent: None,
+            order: None,
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -941,6 +943,8 @@ fn prepare(job: &str) -> Prepare {
         estimate_bytes: 1 << 20,
         arch: "x86_64".into(),
         page_size: 4096,
+        container_id: String::new(),
+        order: None,
     }
 }
 

@@ -73,6 +73,12 @@ pub enum ContractError {
     Label(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
+    #[error("signed job names {field} {named}, but it was published as {published}")]
+    OrderMismatch {
+        field: &'static str,
+        named: String,
+        published: String,
+    },
 }
 
 /// Quotes a value for an error message: printable ASCII kept, everything else
@@ -426,13 +432,23 @@ pub fn parse_job(
     }
     validate_id("node id", topic_node)?;
     validate_id("job id", job_id)?;
+    parse_job_object(topic_node, job_id, json_object(payload)?)
+}
 
-    let obj = match serde_json::from_slice::<StrictValue>(payload) {
-        Ok(StrictValue(Value::Object(obj))) => obj,
-        Ok(StrictValue(other)) => return Err(ContractError::NotAnObject(json_kind(&other))),
-        Err(e) => return Err(ContractError::MalformedJson(e.to_string())),
-    };
+/// A payload as a JSON object, duplicate keys refused.
+fn json_object(payload: &[u8]) -> Result<Map<String, Value>, ContractError> {
+    match serde_json::from_slice::<StrictValue>(payload) {
+        Ok(StrictValue(Value::Object(obj))) => Ok(obj),
+        Ok(StrictValue(other)) => Err(ContractError::NotAnObject(json_kind(&other))),
+        Err(e) => Err(ContractError::MalformedJson(e.to_string())),
+    }
+}
 
+fn parse_job_object(
+    topic_node: &str,
+    job_id: &str,
+    obj: Map<String, Value>,
+) -> Result<JobRequest, ContractError> {
     let action = match obj.get("action") {
         None => return Err(ContractError::MissingField("action")),
         Some(Value::String(a)) => a.as_str(),
@@ -760,6 +776,138 @@ impl<'de> Visitor<'de> for StrictVisitor {
         }
         Ok(Value::Object(out))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Signed orders
+
+/// A job in its signed envelope, as published on `{root}/{node}/jobs/{id}`:
+/// `job` is the job JSON as a string (the contract's job plus the
+/// [`ORDER_FIELDS`]), `sig` the base64 (standard, padded) Ed25519 signature
+/// over exactly the UTF-8 bytes of that string, `key_id` which manager key
+/// signed it (informative: the signature decides). Signing a string, not a
+/// re-serialized object, means any MQTT client can produce an envelope and
+/// no canonical JSON is needed. Checking the signature is not done here
+/// (see [`crate::order`]): this is its shape only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub job: String,
+    pub sig: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
+
+/// What a signed job carries besides the job itself: the node it is for
+/// (the topic's node), its id (the topic's last level), when it was issued
+/// and when it expires (Unix seconds).
+pub const ORDER_FIELDS: [&str; 4] = ["node", "job_id", "issued_at", "expires_at"];
+
+/// When a signed order holds, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+/// A job as it arrived: bare (no signature; only a node without the
+/// manager's key accepts it) or signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub request: JobRequest,
+    /// The envelope, kept to verify it and to pass it on to the target.
+    pub signed: Option<(Envelope, Validity)>,
+}
+
+/// Parses the payload of `{root}/{topic_node}/jobs/{job_id}`: a bare job
+/// (an object with `"action"`) or an [`Envelope`]. A signed job must name
+/// the topic's node and job id, so an order cannot be moved to another
+/// node or another id. Only the shape is checked here.
+pub fn parse_order(topic_node: &str, job_id: &str, payload: &[u8]) -> Result<Order, ContractError> {
+    if payload.len() > MAX_JOB_PAYLOAD {
+        return Err(ContractError::TooLarge {
+            size: payload.len(),
+            max: MAX_JOB_PAYLOAD,
+        });
+    }
+    validate_id("node id", topic_node)?;
+    validate_id("job id", job_id)?;
+    let obj = json_object(payload)?;
+    if obj.contains_key("action") {
+        return Ok(Order {
+            request: parse_job_object(topic_node, job_id, obj)?,
+            signed: None,
+        });
+    }
+    let envelope = parse_envelope(obj)?;
+    let (request, validity) = parse_signed_job(topic_node, job_id, &envelope.job)?;
+    Ok(Order {
+        request,
+        signed: Some((envelope, validity)),
+    })
+}
+
+fn parse_envelope(obj: Map<String, Value>) -> Result<Envelope, ContractError> {
+    deny_unknown(&obj, "", &["job", "sig", "key_id"])?;
+    let job = required_str(&obj, "job")?;
+    let sig = required_str(&obj, "sig")?;
+    let key_id = match obj.get("key_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if k.len() <= MAX_ID_LEN => Some(k.clone()),
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "key_id",
+                expected: "a string of at most 128 bytes",
+            })
+        }
+    };
+    Ok(Envelope { job, sig, key_id })
+}
+
+/// The job inside an envelope: the contract's job plus the
+/// [`ORDER_FIELDS`], which must name `topic_node` and `job_id`.
+/// The `job_id` a signed job names, if it names one: which order a
+/// `Prepare` claims to follow (an evacuation's covers its children).
+pub fn signed_job_id(job: &str) -> Option<String> {
+    let obj = json_object(job.as_bytes()).ok()?;
+    obj.get("job_id")?.as_str().map(str::to_owned)
+}
+
+pub fn parse_signed_job(
+    topic_node: &str,
+    job_id: &str,
+    job: &str,
+) -> Result<(JobRequest, Validity), ContractError> {
+    let mut obj = json_object(job.as_bytes())?;
+    for (field, published) in [("node", topic_node), ("job_id", job_id)] {
+        let named = required_str(&obj, field)?;
+        if named != published {
+            return Err(ContractError::OrderMismatch {
+                field,
+                named: quoted(&named),
+                published: quoted(published),
+            });
+        }
+    }
+    let time = |field: &'static str| match obj.get(field) {
+        None | Some(Value::Null) => Err(ContractError::MissingField(field)),
+        Some(Value::Number(n)) => n.as_u64().ok_or(ContractError::WrongType {
+            field,
+            expected: "Unix seconds (a non-negative integer)",
+        }),
+        Some(_) => Err(ContractError::WrongType {
+            field,
+            expected: "Unix seconds (a non-negative integer)",
+        }),
+    };
+    let validity = Validity {
+        issued_at: time("issued_at")?,
+        expires_at: time("expires_at")?,
+    };
+    for field in ORDER_FIELDS {
+        obj.remove(field);
+    }
+    Ok((parse_job_object(topic_node, job_id, obj)?, validity))
 }
 
 // ---------------------------------------------------------------------------
@@ -1371,6 +1519,104 @@ mod tests {
                 "{payload}\n got: {got}\nwant: {want}..."
             );
         }
+    }
+
+    #[test]
+    fn envelopes_are_parsed_strictly() {
+        let signed =
+            |job: &str| serde_json::json!({"job": job, "sig": "c2ln", "key_id": "k1"}).to_string();
+        let inner = r#"{"action":"migrate","container":"c","target":"b","node":"node-a","job_id":"job-1","issued_at":10,"expires_at":20}"#;
+        let order = parse_order("node-a", "job-1", signed(inner).as_bytes()).unwrap();
+        assert_eq!(
+            order.request,
+            JobRequest::Migrate {
+                container: "c".into(),
+                target: Target::Node("b".into()),
+                options: MigrateOptions::default()
+            }
+        );
+        let (envelope, validity) = order.signed.unwrap();
+        assert_eq!(envelope.job, inner);
+        assert_eq!(envelope.key_id.as_deref(), Some("k1"));
+        assert_eq!(
+            validity,
+            Validity {
+                issued_at: 10,
+                expires_at: 20
+            }
+        );
+        // A bare job is still a job; order fields outside an envelope are not.
+        let bare = parse_order("node-a", "job-1", br#"{"action":"cancel","job":"j0"}"#).unwrap();
+        assert!(bare.signed.is_none());
+        let order_reason = |payload: &str| {
+            parse_order("node-a", "job-1", payload.as_bytes())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| format!("accepted {payload}"))
+        };
+        assert_eq!(
+            order_reason(r#"{"action":"cancel","job":"j0","issued_at":1}"#),
+            r#"unknown field "issued_at""#
+        );
+        let cases: &[(String, &str)] = &[
+            (r#"{"job":"{}"}"#.into(), r#"missing field "sig""#),
+            (r#"{"sig":"x"}"#.into(), r#"missing field "job""#),
+            (
+                r#"{"job":{},"sig":"x"}"#.into(),
+                r#"invalid field "job": expected a string"#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","extra":1}"#.into(),
+                r#"unknown field "extra""#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","key_id":5}"#.into(),
+                r#"invalid field "key_id""#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","job":"{}"}"#.into(),
+                r#"malformed json: duplicate field "job""#,
+            ),
+            (signed("{"), "malformed json: "),
+            (signed("[]"), "a job must be a JSON object, got an array"),
+            (
+                signed(&inner.replace(r#""node":"node-a""#, r#""node":"node-b""#)),
+                r#"signed job names node "node-b", but it was published as "node-a""#,
+            ),
+            (
+                signed(&inner.replace(r#""job_id":"job-1""#, r#""job_id":"job-0""#)),
+                r#"signed job names job_id "job-0", but it was published as "job-1""#,
+            ),
+            (
+                signed(&inner.replace(r#","issued_at":10"#, "")),
+                r#"missing field "issued_at""#,
+            ),
+            (
+                signed(&inner.replace(r#""expires_at":20"#, r#""expires_at":-1"#)),
+                r#"invalid field "expires_at": expected Unix seconds"#,
+            ),
+            (
+                signed(&inner.replace(r#""expires_at":20"#, r#""expires_at":"20""#)),
+                r#"invalid field "expires_at": expected Unix seconds"#,
+            ),
+            (
+                signed(&inner.replace(r#""target":"b""#, r#""target":"b","x":1"#)),
+                r#"unknown field "x""#,
+            ),
+            (
+                signed(&inner.replace(r#""node":"node-a""#, r#""node":"node-a","node":"node-a""#)),
+                r#"malformed json: duplicate field "node""#,
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = order_reason(payload);
+            assert!(
+                got.starts_with(want),
+                "{payload}\n got: {got}\nwant: {want}..."
+            );
+        }
+        let big = signed(&" ".repeat(MAX_JOB_PAYLOAD));
+        assert!(order_reason(&big).starts_with("payload too large"));
     }
 
     #[test]

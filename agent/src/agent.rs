@@ -163,6 +163,7 @@ impl Agent {
             timeouts,
             peers: Peers::default(),
             jobs: JobRegistry::new(&config.node_id),
+            policy: config.policy.clone(),
         });
         if let (Ok(_), Some(why)) = (&node.criu, node.criu_problem()) {
             warn!(%why, "this node can neither send nor receive migrations");

@@ -117,6 +117,14 @@ pub struct AgentSettings {
     /// The CRIU configuration file runc hands CRIU on this node (default /etc/criu/runc.conf).
     #[arg(long)]
     pub criu_config: Option<PathBuf>,
+    /// A host folder incoming containers may bind-mount (and all below it); repeatable. Default: none.
+    #[arg(long = "allow-bind", value_name = "PATH")]
+    #[serde(default)]
+    pub allow_bind: Vec<PathBuf>,
+    /// A capability incoming containers may add (NET_ADMIN, ...); repeatable. Default: none.
+    #[arg(long = "allow-cap", value_name = "CAP")]
+    #[serde(default)]
+    pub allow_cap: Vec<String>,
 }
 
 impl AgentSettings {
@@ -152,6 +160,16 @@ impl AgentSettings {
             runc_path: self.runc_path.or(file.runc_path),
             criu_path: self.criu_path.or(file.criu_path),
             criu_config: self.criu_config.or(file.criu_config),
+            allow_bind: if self.allow_bind.is_empty() {
+                file.allow_bind
+            } else {
+                self.allow_bind
+            },
+            allow_cap: if self.allow_cap.is_empty() {
+                file.allow_cap
+            } else {
+                self.allow_cap
+            },
         }
     }
 
@@ -254,7 +272,35 @@ impl AgentSettings {
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         absolute("state_dir", &state_dir)?;
+        for path in &self.allow_bind {
+            absolute("allow_bind", path)?;
+            if path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(invalid(
+                    "allow_bind",
+                    format!("{} must not contain ..", path.display()),
+                ));
+            }
+        }
+        let mut allow_cap = Vec::new();
+        for cap in &self.allow_cap {
+            let name = crate::runtime::admission::cap_name(cap);
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                return Err(invalid(
+                    "allow_cap",
+                    format!("{cap:?} is not a capability name such as NET_ADMIN"),
+                ));
+            }
+            allow_cap.push(name);
+        }
+        let policy = crate::runtime::admission::HostPolicy {
+            allow_bind: self.allow_bind,
+            allow_cap,
+        };
         Ok(AgentConfig {
+            policy,
             runc,
             criu_config,
             node_id,
@@ -298,6 +344,8 @@ pub struct AgentConfig {
     pub runc: Option<RuncSettings>,
     /// The CRIU configuration file runc hands CRIU here.
     pub criu_config: PathBuf,
+    /// What incoming containers may use here.
+    pub policy: crate::runtime::admission::HostPolicy,
 }
 
 fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -412,6 +460,22 @@ mod tests {
     }
 
     #[test]
+    fn the_target_policy_is_strict_unless_configured() {
+        let c = minimal().validate().unwrap();
+        assert_eq!(c.policy, Default::default());
+        let file: AgentSettings =
+            toml::from_str("allow_bind = [\"/srv/ferry\"]\nallow_cap = [\"cap_net_admin\"]")
+                .unwrap();
+        let c = AgentSettings::default()
+            .over(file)
+            .over(minimal())
+            .validate()
+            .unwrap();
+        assert_eq!(c.policy.allow_bind, vec![PathBuf::from("/srv/ferry")]);
+        assert_eq!(c.policy.allow_cap, vec!["NET_ADMIN".to_string()]);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases: Vec<(AgentSettings, &str)> = vec![
             (
@@ -490,6 +554,27 @@ mod tests {
                     ..minimal()
                 },
                 "docker_exec_root",
+            ),
+            (
+                AgentSettings {
+                    allow_bind: vec!["/srv/../etc".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_bind: vec!["srv".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_cap: vec!["net admin".into()],
+                    ..minimal()
+                },
+                "allow_cap",
             ),
             (
                 AgentSettings {

@@ -31,7 +31,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: AgentSettings,
+        settings: Box<AgentSettings>,
     },
     /// Publish a migrate job and follow it until it ends.
     Migrate(MigrateArgs),

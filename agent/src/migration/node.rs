@@ -95,6 +95,8 @@ pub struct Node<E> {
     pub timeouts: Timeouts,
     pub peers: Peers,
     pub jobs: JobRegistry,
+    /// What an incoming container may use on this node.
+    pub policy: crate::runtime::admission::HostPolicy,
 }
 
 impl<E> Node<E> {

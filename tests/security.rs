@@ -389,6 +389,133 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
     assert!(a2.is_running(), "agent died: {log}");
 }
 
+/// A compromised node1 (a valid node certificate, speaking the data
+/// protocol by hand) asks node2 for containers that would own node2: each
+/// is refused at `Prepare`, naming the field, and nothing is created. The
+/// same `Prepare` with a plain body is accepted, so the field is what
+/// decided.
+#[test]
+fn a_compromised_node_cannot_have_a_peer_create_a_container_that_escapes() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let n2 = fleet.node(2);
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let rt = runtime();
+    let host = |extra: Value| {
+        let mut h = json!({"NetworkMode": "none"});
+        for (k, v) in extra.as_object().expect("an object") {
+            h[k] = v.clone();
+        }
+        json!({"Image": COUNTER_IMAGE, "HostConfig": h})
+    };
+    let evil = unique_name("evil");
+    let cases = [
+        (
+            "privileged",
+            host(json!({"Privileged": true})),
+            "HostConfig.Privileged",
+        ),
+        (
+            "bind mount of /",
+            host(json!({"Binds": ["/:/host"]})),
+            "HostConfig.Binds",
+        ),
+        (
+            "bind mount of / as a mount",
+            host(json!({"Mounts": [{"Type": "bind", "Source": "/", "Target": "/host"}]})),
+            "HostConfig.Mounts",
+        ),
+        (
+            "a local volume over /",
+            host(
+                json!({"Mounts": [{"Type": "volume", "Source": evil, "Target": "/host",
+                "VolumeOptions": {"DriverConfig": {"Name": "local",
+                "Options": {"type": "none", "o": "bind", "device": "/"}}}}]}),
+            ),
+            "HostConfig.Mounts",
+        ),
+        (
+            "host PID namespace",
+            host(json!({"PidMode": "host"})),
+            "HostConfig.PidMode",
+        ),
+        (
+            "host network",
+            host(json!({"NetworkMode": "host"})),
+            "HostConfig.NetworkMode",
+        ),
+        (
+            "a device",
+            host(
+                json!({"Devices": [{"PathOnHost": "/dev/mem", "PathInContainer": "/dev/mem",
+                "CgroupPermissions": "rwm"}]}),
+            ),
+            "HostConfig.Devices",
+        ),
+        (
+            "CAP_SYS_ADMIN",
+            host(json!({"CapAdd": ["SYS_ADMIN"]})),
+            "HostConfig.CapAdd",
+        ),
+    ];
+    for (what, body, field) in cases {
+        let job = unique_name("escape");
+        let name = unique_name("escape");
+        fleet.track(&name);
+        let mut p = prepare(&target, &job, "node1", "node2", &name);
+        p.spec.create_body = body;
+        let answer = rt.block_on(knock(config.clone(), addr, p));
+        let reason = match &answer {
+            Ok(ToSource::Refused { reason }) => reason.clone(),
+            other => panic!("{what}: {other:?}"),
+        };
+        assert!(
+            reason.contains(field) && reason.contains("node2 does not allow"),
+            "{what}: {reason}"
+        );
+        let status = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+        assert!(
+            status["error"].as_str().unwrap_or("").contains(field),
+            "{what}: {status}"
+        );
+        assert!(!n2.exists(&name), "{what}: a container was created");
+        println!("{what}: refused: {reason}");
+    }
+    assert!(
+        !n2.docker(&["volume", "inspect", &evil]).status.success(),
+        "the volume over / was created"
+    );
+
+    // Control: the same Prepare with a plain body gets as far as a created
+    // container, which goes again when the connection ends.
+    let job = unique_name("plain");
+    let name = unique_name("plain");
+    fleet.track(&name);
+    let answer = rt.block_on(async {
+        let mut tls = hostile::connect(config.clone(), addr, "node2").await?;
+        let p = prepare(&target, &job, "node1", "node2", &name);
+        protocol::send(&mut tls, &ToTarget::Prepare(Box::new(p)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = protocol::recv::<_, ToSource>(&mut tls).await;
+        let created = n2.exists(&name);
+        Ok::<_, String>((answer.map_err(|e| e.to_string())?, created))
+    });
+    assert!(
+        matches!(&answer, Ok((ToSource::Prepared { .. }, true))),
+        "a plain body: {answer:?}"
+    );
+    let status = fleet.final_status("node2", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "failed", "{status}");
+    wait_for("the plain container to go again", REPLY_TIMEOUT, || {
+        (!n2.exists(&name)).then_some(()).ok_or("still there".to_string())
+    });
+    assert!(a2.is_running(), "agent died: {}", a2.log_text());
+}
+
 struct Case {
     what: &'static str,
     body: Vec<u8>,

@@ -339,6 +339,9 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
             "node1",
         ),
         ("another CA's node1", rogue_client, "node1"),
+        // A valid client of the fleet CA, under its own name: only its
+        // role keeps it out.
+        ("the manager", fleet_client("manager"), "manager"),
         ("node1 claiming to be node3", fleet_client("node1"), "node3"),
     ] {
         let job = unique_name("knock");
@@ -372,9 +375,12 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
         .filter(|l| l.contains("data port TLS handshake failed"))
         .map(strip_ansi)
         .collect();
-    assert_eq!(refused.len(), 2, "agent log:\n{log}");
+    assert_eq!(refused.len(), 3, "agent log:\n{log}");
     assert!(
-        refused[0].contains("no certificates") && refused[1].contains("invalid peer certificate"),
+        refused[0].contains("no certificates")
+            && refused[1].contains("invalid peer certificate")
+            && refused[2].contains("[\"manager\"]")
+            && refused[2].contains("not ferry:role:node"),
         "{refused:#?}"
     );
     println!("agent log: {refused:#?}");
@@ -511,7 +517,9 @@ fn a_compromised_node_cannot_have_a_peer_create_a_container_that_escapes() {
     let status = fleet.final_status("node2", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "failed", "{status}");
     wait_for("the plain container to go again", REPLY_TIMEOUT, || {
-        (!n2.exists(&name)).then_some(()).ok_or("still there".to_string())
+        (!n2.exists(&name))
+            .then_some(())
+            .ok_or("still there".to_string())
     });
     assert!(a2.is_running(), "agent died: {}", a2.log_text());
 }

@@ -7,7 +7,9 @@
 //!   added later without re-issuing everyone's trust anchor;
 //! - `broker.pem`, `broker.key`: server certificate, SANs = broker hosts;
 //! - `<node>.pem`, `<node>.key` and `<manager>.pem`, `<manager>.key`:
-//!   CN = DNS SAN = the name, usable as TLS client and server.
+//!   CN = DNS SAN = the name, usable as TLS client and server, plus the
+//!   role as a SAN URI: `ferry:role:node` or `ferry:role:manager` (see
+//!   [`crate::stream::tls`]).
 //!
 //! Leaf certificates are issued anew on every run; keys are mode 0600.
 
@@ -21,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 pub const DEFAULT_MANAGER: &str = "manager";
@@ -159,12 +161,22 @@ pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
     broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     issue(out_dir, "broker", broker, &ca)?;
 
-    for name in spec.nodes.iter().chain(std::iter::once(&spec.manager)) {
+    let roles = spec
+        .nodes
+        .iter()
+        .map(|n| (n, crate::stream::tls::NODE_ROLE))
+        .chain(std::iter::once((
+            &spec.manager,
+            crate::stream::tls::MANAGER_ROLE,
+        )));
+    for (name, role) in roles {
         let mut params = leaf_params(name, std::slice::from_ref(name), spec, now)?;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
+        let uri = generated(&format!("the role of {name}"), role.try_into())?;
+        params.subject_alt_names.push(SanType::URI(uri));
         issue(out_dir, name, params, &ca)?;
     }
     Ok(())

@@ -8,6 +8,16 @@
 //!   the transfer only if [`cert_matches_node`]`(&chain[0], &header.source_node)`,
 //!   i.e. `cn == node || dns_sans.contains(node)` (exact, case-sensitive).
 //!
+//! - the certificate must also carry the role of a fleet node: the SAN URI
+//!   [`NODE_ROLE`]. The manager's certificate (role [`MANAGER_ROLE`]) is
+//!   as valid a client of the same CA, but cannot open a migration.
+//!
+//! The role is a SAN URI rather than an extended key usage: it says who the
+//! holder is, not which protocol the key serves; it shows in `openssl x509
+//! -ext subjectAltName`, needs no private OID, and leaves the standard
+//! clientAuth/serverAuth usages that rustls, openssl and mosquitto check
+//! as they are.
+//!
 //! The `ring` provider is passed explicitly, never the process default: the
 //! MQTT client is built with `use-rustls-no-provider` and installs none.
 
@@ -37,6 +47,13 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The SAN URI of a fleet node's certificate: it may open a migration on a
+/// peer's data port.
+pub const NODE_ROLE: &str = "ferry:role:node";
+/// The SAN URI of the manager's certificate: it orders jobs over MQTT and
+/// is refused on data ports.
+pub const MANAGER_ROLE: &str = "ferry:role:manager";
+
 /// Longest a peer may take over its TLS handshake on the data port. Before
 /// it ends the peer is anonymous: it must not hold a connection, nor the
 /// agent's drain, for longer.
@@ -65,14 +82,18 @@ where
             secs: timeout.as_secs(),
         })?
         .map_err(|e| StreamError::Handshake(e.to_string()))?;
-    let names = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        Some(leaf) => cert_names(leaf)?,
-        None => {
-            return Err(StreamError::PeerCert(
-                "the peer presented no certificate".into(),
-            ))
-        }
+    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Err(StreamError::PeerCert(
+            "the peer presented no certificate".into(),
+        ));
     };
+    let names = cert_names(leaf)?;
+    let roles = cert_roles(leaf)?;
+    if !roles.iter().any(|r| r == NODE_ROLE) {
+        return Err(StreamError::PeerCert(format!(
+            "certificate of {names:?} has roles {roles:?}, not {NODE_ROLE}: only fleet nodes may open a migration"
+        )));
+    }
     Ok((tls, names))
 }
 
@@ -142,6 +163,23 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, StreamError>
     Ok(names)
 }
 
+/// The `ferry:role:` SAN URIs of a certificate.
+pub fn cert_roles(cert: &CertificateDer<'_>) -> Result<Vec<String>, StreamError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| StreamError::PeerCert(format!("cannot parse: {e}")))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| StreamError::PeerCert(format!("bad subject alternative names: {e}")))?;
+    Ok(san
+        .iter()
+        .flat_map(|san| &san.value.general_names)
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("ferry:role:") => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Whether `cert` is `node`'s: its CN or one of its DNS SANs is `node`.
 pub fn cert_matches_node(cert: &CertificateDer<'_>, node: &str) -> bool {
     cert_names(cert).is_ok_and(|names| names.iter().any(|n| n == node))
@@ -157,13 +195,25 @@ pub fn check_identity(files: &TlsFiles, node: &str) -> Result<(), StreamError> {
         path: files.cert.clone(),
         reason: e.to_string(),
     })?;
-    if names.iter().any(|n| n == node) {
-        return Ok(());
+    if !names.iter().any(|n| n == node) {
+        return Err(StreamError::TlsFile {
+            path: files.cert.clone(),
+            reason: format!("certificate names {names:?}, not this node's id {node:?}"),
+        });
     }
-    Err(StreamError::TlsFile {
+    let roles = cert_roles(&certs[0]).map_err(|e| StreamError::TlsFile {
         path: files.cert.clone(),
-        reason: format!("certificate names {names:?}, not this node's id {node:?}"),
-    })
+        reason: e.to_string(),
+    })?;
+    if !roles.iter().any(|r| r == NODE_ROLE) {
+        return Err(StreamError::TlsFile {
+            path: files.cert.clone(),
+            reason: format!(
+                "certificate has roles {roles:?}, not {NODE_ROLE}: peers would refuse it (issue node certificates with `ferry certs`)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn load_identity(
@@ -401,6 +451,38 @@ mod tests {
             tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
         connected.unwrap();
         assert_eq!(accepted.unwrap().1, vec!["node-b".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn the_manager_certificate_cannot_open_a_migration() {
+        let dir = fleet("tls-manager");
+        let acceptor = TlsAcceptor::from(server_config(&files(&dir, "node-a")).unwrap());
+        let client = client_config(&files(&dir, "manager")).unwrap();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+        let (accepted, _) = tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+        let err = accepted.unwrap_err().to_string();
+        assert!(
+            err.contains("[\"manager\"]") && err.contains(MANAGER_ROLE) && err.contains(NODE_ROLE),
+            "{err}"
+        );
+        let manager = load_certs(&dir.join("manager.pem")).unwrap().remove(0);
+        assert_eq!(
+            cert_roles(&manager).unwrap(),
+            vec![MANAGER_ROLE.to_string()]
+        );
+        let node = load_certs(&dir.join("node-a.pem")).unwrap().remove(0);
+        assert_eq!(cert_roles(&node).unwrap(), vec![NODE_ROLE.to_string()]);
+        let broker = load_certs(&dir.join("broker.pem")).unwrap().remove(0);
+        assert!(cert_roles(&broker).unwrap().is_empty());
+        // An agent started with the manager's files refuses to.
+        let err = check_identity(&files(&dir, "manager"), "manager")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("manager.pem") && err.contains(NODE_ROLE),
+            "{err}"
+        );
     }
 
     #[test]

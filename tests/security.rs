@@ -850,10 +850,11 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     };
 
     // A flood of connections that never start TLS: beyond the pending
-    // handshake cap they are closed at once, the rest after the timeout.
+    // handshake cap of one peer they are closed at once, the rest after
+    // the timeout.
     let started = std::time::Instant::now();
-    let mut flood = open(40);
-    let extra: Vec<bool> = flood[32..]
+    let mut flood = open(3 * PER_PEER);
+    let extra: Vec<bool> = flood[PER_PEER..]
         .iter_mut()
         .map(|s| closed_within(s, Duration::from_secs(2)))
         .collect();
@@ -903,7 +904,9 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
     let log = a2.log_text();
     println!(
-        "40 silent connections: 8 over the cap closed at once, the rest after {:.1} s; shutdown with one open took {:.1} s; log: {:?}",
+        "{} silent connections: {} over the cap closed at once, the rest after {:.1} s; shutdown with one open took {:.1} s; log: {:?}",
+        3 * PER_PEER,
+        2 * PER_PEER,
         held.as_secs_f64(),
         took.as_secs_f64(),
         log.lines()
@@ -911,6 +914,111 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
             .map(strip_ansi)
             .take(2)
             .collect::<Vec<_>>()
+    );
+}
+
+const PER_PEER: usize = ferry_agent::stream::admission::MAX_PENDING_PER_PEER;
+
+/// What a flood of silent connections from one address did.
+#[derive(Debug, Default)]
+struct FloodStats {
+    /// Connections opened in all.
+    opened: usize,
+    /// Of those, seen closed by the agent.
+    closed: usize,
+    /// Most held open at one time.
+    held_max: usize,
+}
+
+/// Holds `n` silent connections from `from` to `addr`, opening new ones as
+/// the agent closes them, until `stop`.
+fn flood(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    n: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicUsize>,
+) -> FloodStats {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let mut stats = FloodStats::default();
+        let mut held: Vec<tokio::net::TcpStream> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            held.retain(|s| {
+                let mut buf = [0u8; 16];
+                let open = matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                if !open {
+                    stats.closed += 1;
+                }
+                open
+            });
+            while held.len() < n {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket
+                    .bind(SocketAddr::new(from, 0))
+                    .expect("bind the flood's source address");
+                match tokio::time::timeout(Duration::from_secs(1), socket.connect(addr)).await {
+                    Ok(Ok(s)) => held.push(s),
+                    _ => break,
+                }
+                stats.opened += 1;
+            }
+            stats.held_max = stats.held_max.max(held.len());
+            if held.len() == n {
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stats
+    })
+}
+
+#[test]
+fn a_flood_from_one_address_does_not_stop_a_migration_from_another() {
+    let fleet = SecureFleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let a2 = fleet.start_agent(2);
+    let addr = fleet.data_addr("node2");
+    let source = fleet.start_counter(1);
+    // 64 silent connections from 127.0.0.50, kept up for the whole
+    // migration (node1's agent dials from 127.0.0.1).
+    let attacker: std::net::IpAddr = "127.0.0.50".parse().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flooding = {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        std::thread::spawn(move || flood(attacker, addr, 64, stop, rounds))
+    };
+    wait_for("the flood to hold 64 connections", REPLY_TIMEOUT, || {
+        (rounds.load(Ordering::Relaxed) >= 2)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    let started = std::time::Instant::now();
+    let migrated = fleet.migrate_counter(&source, 2, None);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let stats = flooding.join().expect("flood thread");
+    println!(
+        "migration under a flood of 64 silent connections from {attacker}: succeeded in {:.1} s; flood: {stats:?}; job {}",
+        took.as_secs_f64(),
+        migrated.job
+    );
+    assert!(
+        stats.closed > 64,
+        "the agent closed only {} of the flood's connections",
+        stats.closed
+    );
+    assert_eq!(stats.held_max, 64, "the flood never held 64 connections");
+    let log = a2.log_text();
+    assert!(
+        log.contains(&format!(
+            "peer {attacker} already has {PER_PEER} data connections"
+        )),
+        "{log}"
     );
 }
 

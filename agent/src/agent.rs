@@ -580,9 +580,10 @@ async fn serve_data_port<E: Engine + 'static>(
     jobs_changed: mpsc::Sender<()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(
-        crate::stream::tls::MAX_PENDING_HANDSHAKES,
-    ));
+    // Beyond these bounds a connection is closed at once, so a flood of
+    // silent peers costs a bounded number of sockets (each for at most
+    // the handshake timeout), and one host cannot take every place.
+    let handshakes = crate::stream::admission::Handshakes::default();
     loop {
         let (tcp, addr) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -596,10 +597,16 @@ async fn serve_data_port<E: Engine + 'static>(
             },
         };
         tcp.set_nodelay(true).ok();
-        // Anonymous until the handshake ends: only so many at once.
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            warn!(%addr, "too many data connections in their TLS handshake; closed");
-            continue;
+        // Anonymous until the handshake ends: only so many at once, and
+        // fewer from one peer.
+        let permit = match handshakes.admit(addr.ip()) {
+            Ok(p) => p,
+            Err((refused, log)) => {
+                if log {
+                    warn!(%addr, %refused, "data connection closed before its TLS handshake (logged for the 1st, 2nd, 4th, 8th... such)");
+                }
+                continue;
+            }
         };
         let node = node.clone();
         let acceptor = acceptor.clone();

@@ -58,10 +58,6 @@ pub const MANAGER_ROLE: &str = "ferry:role:manager";
 /// it ends the peer is anonymous: it must not hold a connection, nor the
 /// agent's drain, for longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Data-port handshakes in progress at once; the agent closes further
-/// connections at once, so a flood of silent peers costs it a bounded number
-/// of sockets (each for at most [`HANDSHAKE_TIMEOUT`]).
-pub const MAX_PENDING_HANDSHAKES: usize = 32;
 
 /// The server side of a data-port connection: the TLS handshake (client
 /// certificate required by `acceptor`'s config) within `timeout` (the

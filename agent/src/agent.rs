@@ -119,6 +119,7 @@ impl Agent {
         }
         let (tls_client, tls_server) = match &config.tls {
             Some(files) => {
+                crate::stream::tls::check_key_private(&files.key)?;
                 crate::stream::tls::check_identity(files, &config.node_id)?;
                 (
                     Some(crate::stream::tls::client_config(files)?),

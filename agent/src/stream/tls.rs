@@ -212,6 +212,29 @@ pub fn check_identity(files: &TlsFiles, node: &str) -> Result<(), StreamError> {
     Ok(())
 }
 
+/// The private key is readable by its owner alone (mode 0600 or 0400): a
+/// key that group or others can read is as good as leaked, so the agent
+/// refuses to start with one and says how to fix it.
+pub fn check_key_private(path: &Path) -> Result<(), StreamError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| StreamError::TlsFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(StreamError::TlsFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "private key has mode {mode:04o}: group or others can read it; \
+                 run chmod 600 on it (owned by the user the agent runs as, uid {})",
+                meta.uid()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn load_identity(
     files: &TlsFiles,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StreamError> {
@@ -477,6 +500,40 @@ mod tests {
             .to_string();
         assert!(
             err.contains("manager.pem") && err.contains(NODE_ROLE),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = fleet("tls-keymode");
+        let key = dir.join("node-a.key");
+        check_key_private(&key).unwrap();
+        for (mode, ok) in [
+            (0o400, true),
+            (0o640, false),
+            (0o604, false),
+            (0o644, false),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = check_key_private(&key);
+            assert_eq!(got.is_ok(), ok, "{mode:o}: {got:?}");
+            if let Err(e) = got {
+                let e = e.to_string();
+                assert!(
+                    e.contains("node-a.key")
+                        && e.contains(&format!("mode {mode:04o}"))
+                        && e.contains("chmod 600"),
+                    "{e}"
+                );
+            }
+        }
+        let err = check_key_private(&dir.join("missing.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing.key") && err.contains("cannot read"),
             "{err}"
         );
     }

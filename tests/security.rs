@@ -167,6 +167,70 @@ fn node_certificates_are_confined_to_their_own_topics() {
     );
 }
 
+/// Client ids are bound to certificates: node1's certificate asking for
+/// client id node2 is connected as node1 (and cannot get onto the
+/// manager's listener at all), so node2 keeps its session and its jobs;
+/// two manager clients run side by side.
+#[test]
+fn a_node_cannot_take_over_another_nodes_session() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let everything = fleet.subscribe(&format!("{ROOT}/#"));
+    let second_manager = fleet.subscribe(&format!("{ROOT}/+/jobs/+/rejected"));
+    let broker = &fleet.broker;
+
+    let mut cmd = broker.client_on("mosquitto_sub", Who::Fleet("node1"), broker.port);
+    cmd.args(["-i", "node2", "-c"]);
+    let intruder = fleet.subscribe_with(cmd, &[&format!("{ROOT}/node2/jobs/+")]);
+    assert!(intruder.subscribed(), "{}", intruder.diagnostics());
+    let mut cmd = broker.client_on("mosquitto_sub", Who::Fleet("node1"), broker.manager_port);
+    cmd.args(["-i", "node2"]);
+    let on_manager_port = fleet.subscribe_with(cmd, &[&format!("{ROOT}/node2/jobs/+")]);
+    assert!(
+        !on_manager_port.subscribed(),
+        "node1's certificate got onto the manager's listener"
+    );
+
+    // node2 still has its session: a job from the manager reaches it.
+    let job = unique_name("after");
+    let order = json!({"action": "migrate", "container": "anything", "target": "node1"});
+    fleet.publish(
+        &format!("{ROOT}/node2/jobs/{job}"),
+        &order.to_string(),
+        false,
+    );
+    let reply = everything.wait_topic(&format!("/node2/jobs/{job}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        reply["reason"].as_str().unwrap_or("").contains("anything"),
+        "{reply}"
+    );
+    second_manager.wait_topic(&format!("/node2/jobs/{job}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        intruder.messages().is_empty(),
+        "the intruder read node2's jobs: {:?}",
+        intruder.messages()
+    );
+    let log = fleet.broker_log_text();
+    assert!(
+        !log.contains("already connected, closing old connection"),
+        "a client was taken over:\n{log}"
+    );
+    let intruder_login: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains("u'node1'"))
+        .collect();
+    assert!(
+        intruder_login.len() == 1 && intruder_login[0].contains(" as node1 ("),
+        "{log}"
+    );
+    assert!(a2.is_running());
+    println!(
+        "node1's certificate asking for client id node2: {}; on the manager's listener: refused ({}); node2 answered job {job}; two manager clients side by side",
+        intruder_login[0].trim(),
+        on_manager_port.diagnostics().lines().last().unwrap_or("").trim()
+    );
+}
+
 #[test]
 fn broker_refuses_clients_without_a_fleet_certificate() {
     let fleet = SecureFleet::new(Bed::require());

@@ -3,8 +3,13 @@
 //! mosquitto read them).
 //!
 //! Files written to the output folder:
-//! - `ca.pem`, `ca.key`: the CA, reused when both exist, so nodes can be
-//!   added later without re-issuing everyone's trust anchor;
+//! - `ca.pem`, `ca.key`: the fleet CA (broker and nodes), reused when both
+//!   exist, so nodes can be added later without re-issuing everyone's
+//!   trust anchor;
+//! - `manager-ca.pem`, `manager-ca.key`: the manager's CA, reused alike.
+//!   Only the broker's manager listener trusts it: agents never do, and a
+//!   node certificate never gets onto that listener (see
+//!   `broker-config/mosquitto.conf`, "Identities");
 //! - `broker.pem`, `broker.key`: server certificate, SANs = broker hosts;
 //! - `<node>.pem`, `<node>.key` and `<manager>.pem`, `<manager>.key`:
 //!   CN = DNS SAN = the name, usable as TLS client and server, plus the
@@ -37,6 +42,9 @@ pub const DEFAULT_DAYS: u32 = 825;
 /// The CA outlives the leaves it signs, so adding a node later works.
 const CA_MIN_DAYS: u32 = 3650;
 const CA_NAME: &str = "ferry fleet CA";
+/// The manager's own CA: the broker's manager listener trusts it alone, so
+/// no node certificate gets onto that listener, where client ids are free.
+const MANAGER_CA_NAME: &str = "ferry manager CA";
 /// Edge device clocks drift; leaves are valid from a little before now.
 const BACKDATE: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -102,7 +110,7 @@ impl FleetSpec {
         let mut seen = HashSet::new();
         for name in self.nodes.iter().chain(std::iter::once(&self.manager)) {
             check_name(name)?;
-            if name == "ca" || name == "broker" {
+            if ["ca", "broker", "manager-ca"].contains(&name.as_str()) {
                 return Err(invalid(name, "reserved for the CA and broker files"));
             }
             if !seen.insert(name) {
@@ -155,7 +163,8 @@ pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let ca = load_or_create_ca(out_dir, spec, now)?;
+    let ca = load_or_create_ca(out_dir, "ca", CA_NAME, spec, now)?;
+    let manager_ca = load_or_create_ca(out_dir, "manager-ca", MANAGER_CA_NAME, spec, now)?;
 
     let mut broker = leaf_params(&spec.broker_hosts[0], &spec.broker_hosts, spec, now)?;
     broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -177,9 +186,37 @@ pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
         ];
         let uri = generated(&format!("the role of {name}"), role.try_into())?;
         params.subject_alt_names.push(SanType::URI(uri));
-        issue(out_dir, name, params, &ca)?;
+        let issuer = if name == &spec.manager {
+            &manager_ca
+        } else {
+            &ca
+        };
+        issue(out_dir, name, params, issuer)?;
     }
     Ok(())
+}
+
+/// Issues `<name>.pem`/`.key` in `dir` from the fleet CA found there, as a
+/// node's but with `role` (or none): what a mistaken or tampered issuance
+/// would hand out, for tests of the role check.
+#[cfg(test)]
+pub(crate) fn issue_with_role(dir: &Path, name: &str, role: Option<&str>) {
+    let spec = FleetSpec::default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let ca = load_or_create_ca(dir, "ca", CA_NAME, &spec, now).expect("the fleet CA");
+    let mut params = leaf_params(name, &[name.to_string()], &spec, now).expect("params");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if let Some(role) = role {
+        params
+            .subject_alt_names
+            .push(SanType::URI(role.try_into().expect("an IA5 role")));
+    }
+    issue(dir, name, params, &ca).expect("issue");
 }
 
 /// Valid from a little before `now` (since the epoch) for `days`.
@@ -189,12 +226,18 @@ fn set_validity(params: &mut CertificateParams, now: Duration, days: u32) {
     params.not_after = epoch + now + DAY * days;
 }
 
+/// The CA `<file>.pem`/`<file>.key` in `dir`, or a new one named `cn`.
 fn load_or_create_ca(
     dir: &Path,
+    file: &str,
+    cn: &str,
     spec: &FleetSpec,
     now: Duration,
 ) -> Result<Issuer<'static, KeyPair>, CertsError> {
-    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert_path, key_path) = (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    );
     let existing = |reason: String| CertsError::ExistingCa {
         dir: dir.to_path_buf(),
         reason,
@@ -203,22 +246,23 @@ fn load_or_create_ca(
         (true, true) => {
             let cert_pem = read(&cert_path)?;
             let key = KeyPair::from_pem(&read(&key_path)?)
-                .map_err(|e| existing(format!("ca.key: {e}")))?;
+                .map_err(|e| existing(format!("{file}.key: {e}")))?;
             let der = rustls_pki_types::CertificateDer::from(
-                pem_der(&cert_pem).ok_or_else(|| existing("ca.pem: no certificate".into()))?,
+                pem_der(&cert_pem)
+                    .ok_or_else(|| existing(format!("{file}.pem: no certificate")))?,
             );
             let (_, x509) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| existing(format!("ca.pem: {e}")))?;
+                .map_err(|e| existing(format!("{file}.pem: {e}")))?;
             if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-                return Err(existing("ca.key is not the key of ca.pem".into()));
+                return Err(existing(format!("{file}.key is not the key of {file}.pem")));
             }
-            Issuer::from_ca_cert_der(&der, key).map_err(|e| existing(format!("ca.pem: {e}")))
+            Issuer::from_ca_cert_der(&der, key).map_err(|e| existing(format!("{file}.pem: {e}")))
         }
         (false, false) => {
             let key = generated("the CA key", KeyPair::generate())?;
             let mut params = CertificateParams::default();
             params.distinguished_name = DistinguishedName::new();
-            params.distinguished_name.push(DnType::CommonName, CA_NAME);
+            params.distinguished_name.push(DnType::CommonName, cn);
             params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             params.key_usages = vec![
                 KeyUsagePurpose::KeyCertSign,
@@ -231,8 +275,8 @@ fn load_or_create_ca(
             write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
             Ok(Issuer::new(params, key))
         }
-        (true, false) => Err(existing("ca.pem without ca.key".into())),
-        (false, true) => Err(existing("ca.key without ca.pem".into())),
+        (true, false) => Err(existing(format!("{file}.pem without {file}.key"))),
+        (false, true) => Err(existing(format!("{file}.key without {file}.pem"))),
     }
 }
 
@@ -352,7 +396,17 @@ mod tests {
     }
 
     fn verify(dir: &Path, purpose: &str, extra: &[&str], cert: &str) -> (bool, String) {
-        let mut args = vec!["verify", "-CAfile", "ca.pem", "-purpose", purpose];
+        verify_with(dir, "ca.pem", purpose, extra, cert)
+    }
+
+    fn verify_with(
+        dir: &Path,
+        ca: &str,
+        purpose: &str,
+        extra: &[&str],
+        cert: &str,
+    ) -> (bool, String) {
+        let mut args = vec!["verify", "-CAfile", ca, "-purpose", purpose];
         args.extend_from_slice(extra);
         args.push(cert);
         openssl(dir, &args)
@@ -362,14 +416,28 @@ mod tests {
     fn openssl_accepts_the_fleet() {
         let dir = TempDir::new("certs-openssl");
         generate(dir.path(), &spec(&["edge-1", "edge-2"])).unwrap();
-        for name in ["edge-1", "edge-2", "manager"] {
+        for (name, ca) in [
+            ("edge-1", "ca.pem"),
+            ("edge-2", "ca.pem"),
+            ("manager", "manager-ca.pem"),
+        ] {
             let cert = format!("{name}.pem");
             for purpose in ["sslclient", "sslserver"] {
-                let (ok, out) = verify(dir.path(), purpose, &["-verify_hostname", name], &cert);
+                let (ok, out) =
+                    verify_with(dir.path(), ca, purpose, &["-verify_hostname", name], &cert);
                 assert!(ok, "{name} as {purpose}: {out}");
             }
-            let (ok, out) = verify(
+            // Each CA vouches for its own side only.
+            let other = if ca == "ca.pem" {
+                "manager-ca.pem"
+            } else {
+                "ca.pem"
+            };
+            let (ok, out) = verify_with(dir.path(), other, "sslclient", &[], &cert);
+            assert!(!ok, "{name} must not verify under {other}: {out}");
+            let (ok, out) = verify_with(
                 dir.path(),
+                ca,
                 "sslserver",
                 &["-verify_hostname", "other"],
                 &cert,
@@ -403,7 +471,13 @@ mod tests {
     fn keys_are_private() {
         let dir = TempDir::new("certs-mode");
         generate(dir.path(), &spec(&["edge-1"])).unwrap();
-        for file in ["ca.key", "broker.key", "edge-1.key", "manager.key"] {
+        for file in [
+            "ca.key",
+            "manager-ca.key",
+            "broker.key",
+            "edge-1.key",
+            "manager.key",
+        ] {
             let mode = fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
         }

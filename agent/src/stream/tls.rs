@@ -476,15 +476,32 @@ mod tests {
     async fn the_manager_certificate_cannot_open_a_migration() {
         let dir = fleet("tls-manager");
         let acceptor = TlsAcceptor::from(server_config(&files(&dir, "node-a")).unwrap());
-        let client = client_config(&files(&dir, "manager")).unwrap();
-        let (c, s) = tokio::io::duplex(64 * 1024);
-        let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
-        let (accepted, _) = tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
-        let err = accepted.unwrap_err().to_string();
+        let attempt = |who: TlsFiles| {
+            let acceptor = acceptor.clone();
+            async move {
+                let client = client_config(&who).unwrap();
+                let (c, s) = tokio::io::duplex(64 * 1024);
+                let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+                let (accepted, _) =
+                    tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+                accepted.map(|(_, names)| names).unwrap_err().to_string()
+            }
+        };
+        // The manager's certificate comes from its own CA, which agents
+        // do not trust.
+        let err = attempt(files(&dir, "manager")).await;
+        assert!(err.contains("invalid peer certificate"), "{err}");
+        // A certificate of the fleet CA with the manager's role (a mistaken
+        // issuance) is refused for its role, as is one with no role.
+        crate::certs::issue_with_role(dir.path(), "boss", Some(MANAGER_ROLE));
+        crate::certs::issue_with_role(dir.path(), "old", None);
+        let err = attempt(files(&dir, "boss")).await;
         assert!(
-            err.contains("[\"manager\"]") && err.contains(MANAGER_ROLE) && err.contains(NODE_ROLE),
+            err.contains("[\"boss\"]") && err.contains(MANAGER_ROLE) && err.contains(NODE_ROLE),
             "{err}"
         );
+        let err = attempt(files(&dir, "old")).await;
+        assert!(err.contains("roles []") && err.contains(NODE_ROLE), "{err}");
         let manager = load_certs(&dir.join("manager.pem")).unwrap().remove(0);
         assert_eq!(
             cert_roles(&manager).unwrap(),

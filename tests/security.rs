@@ -229,6 +229,34 @@ fn a_node_cannot_take_over_another_nodes_session() {
         "{log}"
     );
     assert!(a2.is_running());
+
+    // Two `ferry nodes` at once on the manager's listener, as the README
+    // says to run the CLI: both connect and list node2.
+    let cli = || {
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["nodes", "--mqtt"])
+            .arg(format!("mqtts://127.0.0.1:{}", broker.manager_port))
+            .arg("--tls-ca")
+            .arg(fleet.certs.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(fleet.certs.join("manager.pem"))
+            .arg("--tls-key")
+            .arg(fleet.certs.join("manager.key"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ferry nodes")
+    };
+    let (one, two) = (cli(), cli());
+    for out in [one, two] {
+        let out = out.wait_with_output().expect("ferry nodes");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.lines().any(|l| l.starts_with("node2 ")),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     println!(
         "node1's certificate asking for client id node2: {}; on the manager's listener: refused ({}); node2 answered job {job}; two manager clients side by side",
         intruder_login[0].trim(),

@@ -264,6 +264,92 @@ fn a_node_cannot_take_over_another_nodes_session() {
     );
 }
 
+/// `ferry certs --revoke node1`: the broker (restarted: mosquitto reads its
+/// CRL at start) and node2's data port (started with `--tls-crl`) refuse
+/// node1's certificate; node2's own still works on both.
+#[test]
+fn a_revoked_node_is_refused_by_the_broker_and_by_data_ports() {
+    let mut fleet = SecureFleet::new(Bed::require());
+    // Before: node1's certificate gets in (the broker reads the empty list
+    // `ferry certs` wrote).
+    let before = fleet.publish_as(
+        Who::Fleet("node1"),
+        &format!("{ROOT}/node1/status"),
+        "{}",
+        false,
+    );
+    assert!(before.status.success(), "{}", before.stderr);
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--revoke", "node1"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs --revoke");
+    assert!(
+        out.status.success() && out.stdout.contains("revoked node1"),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+    fleet.broker.restart();
+    let crl = fleet.certs.join("crl.pem").display().to_string();
+    let mut a2 = fleet.start_agent_with(
+        2,
+        AgentOptions {
+            extra: &["--tls-crl", &crl],
+            ..AgentOptions::default()
+        },
+    );
+    // The broker: node1 is refused, node2 (its agent) is online.
+    let refused = fleet.publish_as(
+        Who::Fleet("node1"),
+        &format!("{ROOT}/node1/status"),
+        "{}",
+        false,
+    );
+    assert!(
+        !refused.status.success(),
+        "node1 could publish: {}",
+        refused.stdout
+    );
+    assert_eq!(fleet.node_status("node2")["online"], true);
+    // node2's data port: node1 is refused in the handshake; node2's
+    // certificate gets a session (and a refusal for naming node3).
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
+    let rt = runtime();
+    let as_node =
+        |n: &str| ferry_agent::stream::client_config(&fleet.tls_files(n)).expect("client config");
+    let p = |source: &str| prepare(&target, &unique_name("revoked"), source, "node2", "never");
+    let answer = rt.block_on(knock(as_node("node1"), addr, p("node1")));
+    assert!(answer.is_err(), "node1 got in: {answer:?}");
+    let answer = rt.block_on(knock(as_node("node2"), addr, p("node3")));
+    assert!(
+        matches!(&answer, Ok(ToSource::Refused { reason }) if reason.contains("node3")),
+        "{answer:?}"
+    );
+    let log = a2.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("data port TLS handshake failed"))
+        .map(strip_ansi)
+        .unwrap_or_default();
+    assert!(line.contains("Revoked"), "{log}");
+    let broker_log = fleet.broker_log_text();
+    println!(
+        "revoked node1: broker refused its publish ({}), node2's data port: {line}; broker log: {:?}",
+        refused.stderr.trim(),
+        broker_log
+            .lines()
+            .filter(|l| l.contains("OpenSSL") || l.contains("revoked"))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(a2.is_running());
+}
+
 #[test]
 fn broker_refuses_clients_without_a_fleet_certificate() {
     let fleet = SecureFleet::new(Bed::require());

@@ -123,7 +123,10 @@ impl Agent {
                 crate::stream::tls::check_identity(files, &config.node_id)?;
                 (
                     Some(crate::stream::tls::client_config(files)?),
-                    Some(crate::stream::tls::server_config(files)?),
+                    Some(crate::stream::tls::server_config_with_crl(
+                        files,
+                        config.tls_crl.as_deref(),
+                    )?),
                 )
             }
             None => (None, None),

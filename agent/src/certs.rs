@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
 pub const DEFAULT_MANAGER: &str = "manager";
@@ -193,7 +194,90 @@ pub fn generate(out_dir: &Path, spec: &FleetSpec) -> Result<(), CertsError> {
         };
         issue(out_dir, name, params, issuer)?;
     }
+    // An empty list to start with: mosquitto's crlfile must exist.
+    if !out_dir.join(CRL_FILE).exists() {
+        write_crl(out_dir, &[], now)?;
+    }
     Ok(())
+}
+
+/// The fleet's certificate revocation list, signed by the fleet CA: what
+/// mosquitto's `crlfile` and the agents' `tls_crl` read.
+pub const CRL_FILE: &str = "crl.pem";
+
+/// Revokes `node`'s certificate in `dir` (its `<node>.pem`): adds its
+/// serial to `crl.pem` (kept with the earlier entries) and signs the list
+/// anew with the fleet CA. Returns the serial, in hex.
+pub fn revoke(dir: &Path, node: &str) -> Result<String, CertsError> {
+    check_name(node)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let cert_path = dir.join(format!("{node}.pem"));
+    let der = pem_der(&read(&cert_path)?).ok_or_else(|| {
+        CertsError::InvalidSpec(format!("{}: no certificate", cert_path.display()))
+    })?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| CertsError::InvalidSpec(format!("{}: {e}", cert_path.display())))?;
+    let serial = x509.raw_serial().to_vec();
+    let mut revoked = read_crl(dir)?;
+    if !revoked.iter().any(|(s, _)| *s == serial) {
+        revoked.push((serial.clone(), now.as_secs() as i64));
+    }
+    write_crl(dir, &revoked, now)?;
+    Ok(serial.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The serials and revocation times (Unix seconds) of `dir`'s `crl.pem`;
+/// none when there is no such file.
+fn read_crl(dir: &Path) -> Result<Vec<(Vec<u8>, i64)>, CertsError> {
+    let path = dir.join(CRL_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bad = |reason: String| CertsError::InvalidSpec(format!("{}: {reason}", path.display()));
+    let pem = read(&path)?;
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| bad(e.to_string()))?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| (r.raw_serial().to_vec(), r.revocation_date.timestamp()))
+        .collect())
+}
+
+/// Signs and writes `crl.pem` listing `revoked`, valid as long as a CA.
+fn write_crl(dir: &Path, revoked: &[(Vec<u8>, i64)], now: Duration) -> Result<(), CertsError> {
+    let spec = FleetSpec::default();
+    if !dir.join("ca.key").exists() {
+        return Err(CertsError::ExistingCa {
+            dir: dir.to_path_buf(),
+            reason: "no ca.key: the CRL is signed by the fleet CA".into(),
+        });
+    }
+    let ca = load_or_create_ca(dir, "ca", CA_NAME, &spec, now)?;
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let params = CertificateRevocationListParams {
+        this_update: epoch + now.saturating_sub(BACKDATE),
+        next_update: epoch + now + DAY * CA_MIN_DAYS,
+        // Grows with every issue: clients keep the newest list.
+        crl_number: SerialNumber::from(now.as_millis() as u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: epoch + Duration::from_secs((*at).max(0) as u64),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = generated("the CRL", params.signed_by(&ca))?;
+    let pem = generated("the CRL", crl.pem())?;
+    write_file(&dir.join(CRL_FILE), pem.as_bytes(), 0o644)
 }
 
 /// Issues `<name>.pem`/`.key` in `dir` from the fleet CA found there, as a
@@ -465,6 +549,52 @@ mod tests {
         assert!(ok, "broker by name: {out}");
         let (ok, out) = verify(dir.path(), "sslclient", &[], "broker.pem");
         assert!(!ok, "the broker cert is no client cert: {out}");
+    }
+
+    #[test]
+    fn a_revoked_node_fails_openssl_and_the_others_do_not() {
+        let dir = TempDir::new("certs-revoke");
+        generate(dir.path(), &spec(&["edge-1", "edge-2", "edge-3"])).unwrap();
+        let crl_check = |cert: &str| {
+            openssl(
+                dir.path(),
+                &[
+                    "verify",
+                    "-crl_check",
+                    "-CAfile",
+                    "ca.pem",
+                    "-CRLfile",
+                    "crl.pem",
+                    cert,
+                ],
+            )
+        };
+        // The empty list `ferry certs` writes is a valid CRL.
+        for cert in ["edge-1.pem", "edge-2.pem"] {
+            let (ok, out) = crl_check(cert);
+            assert!(ok, "{cert}: {out}");
+        }
+        let serial = revoke(dir.path(), "edge-1").unwrap();
+        revoke(dir.path(), "edge-3").unwrap();
+        // Again: no second entry.
+        revoke(dir.path(), "edge-1").unwrap();
+        assert_eq!(read_crl(dir.path()).unwrap().len(), 2);
+        for (cert, revoked) in [
+            ("edge-1.pem", true),
+            ("edge-2.pem", false),
+            ("edge-3.pem", true),
+        ] {
+            let (ok, out) = crl_check(cert);
+            assert_eq!(!ok, revoked, "{cert}: {out}");
+            if revoked {
+                assert!(out.contains("certificate revoked"), "{cert}: {out}");
+            }
+        }
+        let (_, text) = openssl(dir.path(), &["crl", "-in", "crl.pem", "-noout", "-text"]);
+        let digits = serial.trim_start_matches("00");
+        assert!(text.to_lowercase().contains(digits), "{serial}: {text}");
+        let err = revoke(dir.path(), "edge-9").unwrap_err().to_string();
+        assert!(err.contains("edge-9.pem"), "{err}");
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct AgentSettings {
     /// This node's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// The fleet CA's revocation list (PEM, `ferry certs` writes crl.pem): the data port refuses the certificates it lists.
+    #[arg(long)]
+    pub tls_crl: Option<PathBuf>,
     /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).
     #[arg(long)]
     #[serde(default)]
@@ -153,6 +156,7 @@ impl AgentSettings {
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            tls_crl: self.tls_crl.or(file.tls_crl),
             insecure: self.insecure || file.insecure,
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
             checkpoint_with: self.checkpoint_with.or(file.checkpoint_with),
@@ -295,12 +299,19 @@ impl AgentSettings {
             }
             allow_cap.push(name);
         }
+        if self.tls_crl.is_some() && tls.is_none() {
+            return Err(invalid(
+                "tls_crl",
+                "a CRL needs tls_ca, tls_cert and tls_key",
+            ));
+        }
         let policy = crate::runtime::admission::HostPolicy {
             allow_bind: self.allow_bind,
             allow_cap,
         };
         Ok(AgentConfig {
             policy,
+            tls_crl: self.tls_crl,
             runc,
             criu_config,
             node_id,
@@ -346,6 +357,8 @@ pub struct AgentConfig {
     pub criu_config: PathBuf,
     /// What incoming containers may use here.
     pub policy: crate::runtime::admission::HostPolicy,
+    /// Certificates the data port refuses (a CRL of the fleet CA).
+    pub tls_crl: Option<PathBuf>,
 }
 
 fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -575,6 +588,13 @@ mod tests {
                     ..minimal()
                 },
                 "allow_cap",
+            ),
+            (
+                AgentSettings {
+                    tls_crl: Some("/etc/ferry/crl.pem".into()),
+                    ..minimal()
+                },
+                "tls_crl",
             ),
             (
                 AgentSettings {

@@ -44,13 +44,16 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Create a development fleet CA and certificates for a broker, nodes and a manager.
+    /// Create a fleet CA, a manager CA and certificates for a broker, nodes and a manager; or revoke a node's.
     Certs {
         #[arg(long)]
         out: PathBuf,
         /// Node ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "revoke")]
         nodes: Vec<String>,
+        /// Revoke this node's certificate (OUT/NODE.pem): add it to OUT/crl.pem, which mosquitto's crlfile and the agents' tls_crl read.
+        #[arg(long, value_name = "NODE", conflicts_with = "nodes")]
+        revoke: Option<String>,
         #[arg(long, default_value = ferry_agent::certs::DEFAULT_MANAGER)]
         manager: String,
         /// Broker host names and IPs for its certificate, comma-separated.
@@ -116,10 +119,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch { job, broker } => cli::watch(broker, job).await?,
         Command::Certs {
             out,
+            revoke: Some(node),
+            ..
+        } => {
+            let serial = ferry_agent::certs::revoke(&out, &node)?;
+            println!(
+                "revoked {node} (serial {serial}) in {}; restart the broker and the agents so they read it",
+                out.join(ferry_agent::certs::CRL_FILE).display()
+            );
+        }
+        Command::Certs {
+            out,
             nodes,
             manager,
             broker_hosts,
             days,
+            revoke: None,
         } => {
             ferry_agent::certs::generate(
                 &out,

@@ -126,6 +126,7 @@ pub struct TlsBroker {
     /// Same names, another CA.
     pub rogue: PathBuf,
     pub log: PathBuf,
+    dir: PathBuf,
     child: Child,
 }
 
@@ -140,6 +141,7 @@ impl Broker for TlsBroker {
             certs: certs.to_path_buf(),
             rogue,
             log,
+            dir: dir.to_path_buf(),
             child,
         }
     }
@@ -193,6 +195,15 @@ impl TlsBroker {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Stops the broker and starts it again from the same files (it reads
+    /// its CRL only at start), on new ports; agents started before it
+    /// still dial the old ones.
+    pub fn restart(&mut self) {
+        stop_child(&mut self.child, "mosquitto");
+        let (child, (port, manager_port), log) = start_mosquitto(&self.dir, &self.certs);
+        (self.child, self.port, self.manager_port, self.log) = (child, port, manager_port, log);
+    }
 }
 
 impl Drop for TlsBroker {
@@ -226,6 +237,7 @@ fn overrides(
         ("cafile", p(certs.join("ca.pem"))),
         ("certfile", p(certs.join("broker.pem"))),
         ("keyfile", p(certs.join("broker.key"))),
+        ("crlfile", p(certs.join("crl.pem"))),
         ("listener", Some(format!("{manager_port} 127.0.0.1"))),
         ("cafile", p(certs.join("manager-ca.pem"))),
         ("certfile", p(certs.join("broker.pem"))),

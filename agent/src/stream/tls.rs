@@ -100,9 +100,35 @@ fn provider() -> Arc<CryptoProvider> {
 /// Server side of the data port: requires a client certificate chaining to
 /// the CA, and presents this node's certificate.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, StreamError> {
+    server_config_with_crl(files, None)
+}
+
+/// [`server_config`], refusing also the client certificates the CRL file
+/// `crl` lists (the leaf's status must be known: a CRL of its issuer).
+pub fn server_config_with_crl(
+    files: &TlsFiles,
+    crl: Option<&Path>,
+) -> Result<Arc<ServerConfig>, StreamError> {
     let provider = provider();
     let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(path) = crl {
+        let pem = read(path)?;
+        let crls = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StreamError::TlsFile {
+                path: path.to_path_buf(),
+                reason: format!("bad CRL PEM: {e}"),
+            })?;
+        if crls.is_empty() {
+            return Err(StreamError::TlsFile {
+                path: path.to_path_buf(),
+                reason: "no CRL found".into(),
+            });
+        }
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| StreamError::TlsConfig(format!("client verifier: {e}")))?;
     let (certs, key) = load_identity(files)?;
@@ -519,6 +545,36 @@ mod tests {
             err.contains("manager.pem") && err.contains(NODE_ROLE),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_revoked_node_is_refused_when_the_crl_is_given() {
+        let dir = fleet("tls-crl");
+        let crl = dir.join(crate::certs::CRL_FILE);
+        let attempt = |server: Arc<ServerConfig>, who: &str| {
+            let client = client_config(&files(&dir, who)).unwrap();
+            async move {
+                let acceptor = TlsAcceptor::from(server);
+                let (c, s) = tokio::io::duplex(64 * 1024);
+                let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+                let (accepted, _) =
+                    tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+                accepted.map(|(_, names)| names).map_err(|e| e.to_string())
+            }
+        };
+        let with_crl = || server_config_with_crl(&files(&dir, "node-a"), Some(&crl)).unwrap();
+        // The empty list lets everyone in.
+        assert!(attempt(with_crl(), "node-b").await.is_ok());
+        crate::certs::revoke(dir.path(), "node-b").unwrap();
+        let err = attempt(with_crl(), "node-b").await.unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+        // Without the list, the same certificate still gets in.
+        let without = server_config(&files(&dir, "node-a")).unwrap();
+        assert!(attempt(without, "node-b").await.is_ok());
+        let err = server_config_with_crl(&files(&dir, "node-a"), Some(&dir.join("node-a.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no CRL found"), "{err}");
     }
 
     #[test]

@@ -350,6 +350,133 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_data_ports() {
     assert!(a2.is_running());
 }
 
+fn sighup(pid: u32) {
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new("kill").args(["-HUP", &pid.to_string()]),
+        Duration::from_secs(10),
+    )
+    .expect("run kill");
+    assert!(out.status.success(), "kill -HUP {pid}: {}", out.stderr);
+}
+
+/// `ferry certs` re-issues every leaf while a rate-limited memhog migration
+/// is in its transfer; SIGHUP makes both agents take the new files for new
+/// data connections, the running one goes on and succeeds, and node2's data
+/// port then presents its new certificate. A revocation is picked up the
+/// same way, without a restart.
+#[test]
+fn a_renewed_certificate_is_picked_up_on_sighup_during_a_running_migration() {
+    let fleet = SecureFleet::new(Bed::require());
+    let crl = fleet.certs.join("crl.pem").display().to_string();
+    let extra = ["--tls-crl", crl.as_str()];
+    let with_crl = || AgentOptions {
+        extra: &extra,
+        ..AgentOptions::default()
+    };
+    let a1 = fleet.start_agent_with(1, with_crl());
+    let mut a2 = fleet.start_agent_with(2, with_crl());
+    let source = fleet.run(1, "memhog", ferry_tests::MEMHOG_IMAGE, &["64"]);
+    ferry_tests::memhog_ready(&source);
+    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    let topic = format!("{ROOT}/node1/jobs/{job}/status");
+    wait_for("the job's transfer phase", JOB_TIMEOUT, || {
+        match fleet.retained(&topic) {
+            Some(s) if s["phase"] == "transfer" && s["bytes_wire"].as_u64().unwrap_or(0) > 0 => {
+                Ok(())
+            }
+            Some(s) if s["state"] != "in_progress" => panic!("job ended before the transfer: {s}"),
+            other => Err(format!("status {other:?}")),
+        }
+    });
+    let old_node2 = std::fs::read(fleet.certs.join("node2.pem")).expect("node2.pem");
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--nodes", "node1,node2"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs");
+    assert!(out.status.success(), "{}", out.stderr);
+    let new_node2 = std::fs::read(fleet.certs.join("node2.pem")).expect("node2.pem");
+    assert_ne!(
+        old_node2, new_node2,
+        "node2's certificate was not re-issued"
+    );
+    sighup(a1.pid());
+    sighup(a2.pid());
+    let during = fleet.retained(&topic).unwrap_or_default();
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(
+        during["state"], "in_progress",
+        "SIGHUP came too late: {during}"
+    );
+    for agent in [&a1, &a2] {
+        assert!(
+            agent
+                .log_text()
+                .contains("SIGHUP: the data port uses the reloaded"),
+            "{}: {}",
+            agent.node,
+            agent.log_text()
+        );
+    }
+    // A new connection to node2 meets its new certificate.
+    let rt = runtime();
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let addr = fleet.data_addr("node2");
+    let presented = rt.block_on(async {
+        let tls = hostile::connect(config, addr, "node2")
+            .await
+            .expect("connect");
+        tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+    });
+    use rustls_pki_types::pem::PemObject;
+    let new_der = rustls_pki_types::CertificateDer::from_pem_slice(&new_node2).expect("pem");
+    assert_eq!(
+        presented,
+        new_der.to_vec(),
+        "node2 still presents its old certificate"
+    );
+
+    // Revoking node1 and SIGHUP: node2's data port refuses it from then on.
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--revoke", "node1"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs --revoke");
+    assert!(out.status.success(), "{}", out.stderr);
+    sighup(a2.pid());
+    wait_for("node2 to reload", REPLY_TIMEOUT, || {
+        (a2.log_text()
+            .matches("SIGHUP: the data port uses the reloaded")
+            .count()
+            == 2)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    let target = fleet.node_status("node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let answer = rt.block_on(knock(
+        config,
+        addr,
+        prepare(&target, &unique_name("revoked"), "node1", "node2", "never"),
+    ));
+    assert!(answer.is_err(), "revoked node1 got in: {answer:?}");
+    assert!(a2.log_text().contains("Revoked"), "{}", a2.log_text());
+    assert!(a2.is_running());
+    println!(
+        "renewed during the transfer of job {job}: it {} in {} ms of transfer; node2 presents its new certificate; node1 revoked on SIGHUP: {answer:?}",
+        status["state"], status["timings_ms"]["transfer"]
+    );
+}
+
 #[test]
 fn broker_refuses_clients_without_a_fleet_certificate() {
     let fleet = SecureFleet::new(Bed::require());

@@ -28,6 +28,7 @@ use crate::mqtt::contract::{
 use crate::mqtt::{self, Ack, ClientSettings, Inbound, JobLedger, MqttHandle};
 use crate::runtime::{Deadlines, Docker, Engine, EngineDeadlines};
 use crate::stream::ratelimit::parse_rate;
+use crate::stream::tls::Current;
 
 /// Node status is refreshed this often even when nothing happens, so free
 /// memory and disk stay current for the fleet manager; otherwise idle.
@@ -59,6 +60,8 @@ pub enum AgentError {
     },
     #[error("mqtt: the broker connection task ended")]
     BrokerTaskEnded,
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Runs the agent until `shutdown` fires, then drains: no new jobs, running
@@ -88,6 +91,39 @@ struct Agent {
     service: crate::systemd::Service,
     /// A job task registered or ended: the job count changed.
     jobs_changed: (mpsc::Sender<()>, mpsc::Receiver<()>),
+    hangup: tokio::signal::unix::Signal,
+    tls: Option<TlsReload>,
+}
+
+/// What SIGHUP reloads: the data port's TLS (both sides) from the files.
+/// The broker connection keeps the certificate it started with.
+struct TlsReload {
+    files: crate::stream::tls::TlsFiles,
+    crl: Option<std::path::PathBuf>,
+    node: String,
+    server: Arc<Current<rustls::ServerConfig>>,
+    client: Arc<Current<rustls::ClientConfig>>,
+}
+
+impl TlsReload {
+    /// New connections use the files as they are now; a file that fails
+    /// its checks leaves the ones in use in place.
+    fn reload(&self) {
+        match crate::stream::tls::load_node_tls(&self.files, &self.node, self.crl.as_deref()) {
+            Ok((server, client)) => {
+                self.server.replace(server);
+                self.client.replace(client);
+                info!(
+                    cert = %self.files.cert.display(),
+                    crl = ?self.crl,
+                    "SIGHUP: the data port uses the reloaded certificate, key and CRL for new connections"
+                );
+            }
+            Err(e) => {
+                error!(error = %e, "SIGHUP: cannot reload the TLS files; keeping the ones in use")
+            }
+        }
+    }
 }
 
 /// The broker connection and the job replies a node publishes.
@@ -117,16 +153,20 @@ impl Agent {
         if config.insecure {
             warn!("--insecure: plain TCP is allowed where no TLS is configured; never use this on a real fleet");
         }
+        // SIGHUP reloads the TLS files; installed before anything runs, as
+        // its default action would end the agent.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(AgentError::Signal)?;
         let (tls_client, tls_server) = match &config.tls {
             Some(files) => {
-                crate::stream::tls::check_key_private(&files.key)?;
-                crate::stream::tls::check_identity(files, &config.node_id)?;
+                let (server, client) = crate::stream::tls::load_node_tls(
+                    files,
+                    &config.node_id,
+                    config.tls_crl.as_deref(),
+                )?;
                 (
-                    Some(crate::stream::tls::client_config(files)?),
-                    Some(crate::stream::tls::server_config_with_crl(
-                        files,
-                        config.tls_crl.as_deref(),
-                    )?),
+                    Some(Arc::new(Current::new(client))),
+                    Some(Arc::new(Current::new(server))),
                 )
             }
             None => (None, None),
@@ -143,7 +183,7 @@ impl Agent {
         let topics = config.topics.clone();
         let mqtt_stop = CancellationToken::new();
         let (mqtt, inbound, mqtt_task) = mqtt::spawn(
-            broker_settings(config, tls_client.clone()),
+            broker_settings(config, tls_client.as_ref().map(|c| c.get())),
             mqtt_stop.clone(),
         )?;
 
@@ -161,7 +201,7 @@ impl Agent {
                 topics: topics.clone(),
             }),
             dialer: Box::new(TcpDialer {
-                tls: tls_client,
+                tls: tls_client.clone(),
                 connect_timeout: timeouts.connect,
             }),
             timeouts,
@@ -188,7 +228,7 @@ impl Agent {
         tasks.spawn(serve_data_port(
             node.clone(),
             listener,
-            tls_server,
+            tls_server.clone(),
             accept_stop.clone(),
             tasks.clone(),
             jobs_changed.0.clone(),
@@ -209,6 +249,16 @@ impl Agent {
             advertise: advertise.to_string(),
             service: crate::systemd::Service::from_env(),
             jobs_changed,
+            hangup,
+            tls: config.tls.clone().zip(tls_server).zip(tls_client).map(
+                |((files, server), client)| TlsReload {
+                    files,
+                    crl: config.tls_crl.clone(),
+                    node: config.node_id.clone(),
+                    server,
+                    client,
+                },
+            ),
         })
     }
 
@@ -221,6 +271,10 @@ impl Agent {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = self.service.watchdog_due() => self.service.watchdog(),
                 _ = refresh.tick() => self.publish_status(true),
+                _ = self.hangup.recv() => match &self.tls {
+                    Some(tls) => tls.reload(),
+                    None => info!("SIGHUP: no TLS files to reload"),
+                },
                 Some(()) = self.jobs_changed.1.recv() => self.publish_status(true),
                 msg = self.inbound.recv() => match msg {
                     // Exit non-zero after the drain so systemd restarts us.
@@ -578,12 +632,11 @@ impl Replies {
 async fn serve_data_port<E: Engine + 'static>(
     node: Arc<Node<E>>,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<Current<rustls::ServerConfig>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     jobs_changed: mpsc::Sender<()>,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     // Beyond these bounds a connection is closed at once, so a flood of
     // silent peers costs a bounded number of sockets (each for at most
     // the handshake timeout), and one host cannot take every place.
@@ -613,7 +666,10 @@ async fn serve_data_port<E: Engine + 'static>(
             }
         };
         let node = node.clone();
-        let acceptor = acceptor.clone();
+        // The config current now (SIGHUP may replace it for later ones).
+        let acceptor = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.get()));
         let stop = stop.clone();
         let changed = jobs_changed.clone();
         // An incoming job ended: the node status's job count changed (a

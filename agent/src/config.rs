@@ -95,7 +95,7 @@ pub struct AgentSettings {
     /// This node's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
-    /// The fleet CA's revocation list (PEM, `ferry certs` writes crl.pem): the data port refuses the certificates it lists.
+    /// The fleet CA's revocation list (PEM, `ferry certs` writes crl.pem): the data port refuses the certificates it lists; reloaded on SIGHUP.
     #[arg(long)]
     pub tls_crl: Option<PathBuf>,
     /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).

@@ -124,7 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let serial = ferry_agent::certs::revoke(&out, &node)?;
             println!(
-                "revoked {node} (serial {serial}) in {}; restart the broker and the agents so they read it",
+                "revoked {node} (serial {serial}) in {}; copy it to the nodes and send their agents SIGHUP, and restart the broker",
                 out.join(ferry_agent::certs::CRL_FILE).display()
             );
         }

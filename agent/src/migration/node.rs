@@ -145,7 +145,8 @@ impl Reporter for MqttReporter {
 
 /// TCP, then mutual TLS unless the agent runs `--insecure` without TLS files.
 pub struct TcpDialer {
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Replaced on SIGHUP (see [`crate::stream::tls::Current`]).
+    pub tls: Option<Arc<crate::stream::tls::Current<rustls::ClientConfig>>>,
     pub connect_timeout: Duration,
 }
 
@@ -179,7 +180,7 @@ impl TcpDialer {
                 source,
             }
         })?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        let stream = tokio_rustls::TlsConnector::from(tls.get())
             .connect(name, tcp)
             .await
             .map_err(|source| MigrationError::Handshake {

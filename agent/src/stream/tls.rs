@@ -93,6 +93,45 @@ where
     Ok((tls, names))
 }
 
+/// A TLS config that SIGHUP replaces: a connection takes the current one
+/// when it starts; those under way keep theirs, so running jobs go on.
+#[derive(Debug)]
+pub struct Current<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Current<T> {
+    pub fn new(config: Arc<T>) -> Current<T> {
+        Current(std::sync::RwLock::new(config))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn replace(&self, config: Arc<T>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+}
+
+/// This node's TLS material as the agent checks and uses it: the key's
+/// mode, the certificate's identity and role, the data port's server side
+/// (with the CRL, if any) and the client side. Called at start and on
+/// SIGHUP.
+pub fn load_node_tls(
+    files: &TlsFiles,
+    node: &str,
+    crl: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), StreamError> {
+    check_key_private(&files.key)?;
+    check_identity(files, node)?;
+    Ok((server_config_with_crl(files, crl)?, client_config(files)?))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -31,6 +31,7 @@ use crate::mqtt::{self, Ack, ClientSettings, Inbound, JobLedger, MqttHandle};
 use crate::order::{OrderError, OrderKey, Orders};
 use crate::runtime::{Container, Deadlines, Docker, Engine, EngineDeadlines};
 use crate::stream::ratelimit::parse_rate;
+use crate::stream::tls::Current;
 
 /// Node status is refreshed this often even when nothing happens, so free
 /// memory and disk stay current for the fleet manager; otherwise idle.
@@ -64,6 +65,8 @@ pub enum AgentError {
     OrderKey(Box<crate::order::OrderError>),
     #[error("mqtt: the broker connection task ended")]
     BrokerTaskEnded,
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Runs the agent until `shutdown` fires, then drains: no new jobs, running
@@ -99,6 +102,39 @@ struct Agent {
     evacuations: Evacuations,
     /// The drain began: evacuations start no further container.
     draining: CancellationToken,
+    hangup: tokio::signal::unix::Signal,
+    tls: Option<TlsReload>,
+}
+
+/// What SIGHUP reloads: the data port's TLS (both sides) from the files.
+/// The broker connection keeps the certificate it started with.
+struct TlsReload {
+    files: crate::stream::tls::TlsFiles,
+    crl: Option<std::path::PathBuf>,
+    node: String,
+    server: Arc<Current<rustls::ServerConfig>>,
+    client: Arc<Current<rustls::ClientConfig>>,
+}
+
+impl TlsReload {
+    /// New connections use the files as they are now; a file that fails
+    /// its checks leaves the ones in use in place.
+    fn reload(&self) {
+        match crate::stream::tls::load_node_tls(&self.files, &self.node, self.crl.as_deref()) {
+            Ok((server, client)) => {
+                self.server.replace(server);
+                self.client.replace(client);
+                info!(
+                    cert = %self.files.cert.display(),
+                    crl = ?self.crl,
+                    "SIGHUP: the data port uses the reloaded certificate, key and CRL for new connections"
+                );
+            }
+            Err(e) => {
+                error!(error = %e, "SIGHUP: cannot reload the TLS files; keeping the ones in use")
+            }
+        }
+    }
 }
 
 /// The broker connection and the job replies a node publishes.
@@ -129,12 +165,20 @@ impl Agent {
         if config.insecure {
             warn!("--insecure: plain TCP is allowed where no TLS is configured; never use this on a real fleet");
         }
+        // SIGHUP reloads the TLS files; installed before anything runs, as
+        // its default action would end the agent.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(AgentError::Signal)?;
         let (tls_client, tls_server) = match &config.tls {
             Some(files) => {
-                crate::stream::tls::check_identity(files, &config.node_id)?;
+                let (server, client) = crate::stream::tls::load_node_tls(
+                    files,
+                    &config.node_id,
+                    config.tls_crl.as_deref(),
+                )?;
                 (
-                    Some(crate::stream::tls::client_config(files)?),
-                    Some(crate::stream::tls::server_config(files)?),
+                    Some(Arc::new(Current::new(client))),
+                    Some(Arc::new(Current::new(server))),
                 )
             }
             None => (None, None),
@@ -151,7 +195,7 @@ impl Agent {
         let topics = config.topics.clone();
         let mqtt_stop = CancellationToken::new();
         let (mqtt, inbound, mqtt_task) = mqtt::spawn(
-            broker_settings(config, tls_client.clone()),
+            broker_settings(config, tls_client.as_ref().map(|c| c.get())),
             mqtt_stop.clone(),
         )?;
 
@@ -169,13 +213,14 @@ impl Agent {
                 topics: topics.clone(),
             }),
             dialer: Box::new(TcpDialer {
-                tls: tls_client,
+                tls: tls_client.clone(),
                 connect_timeout: timeouts.connect,
             }),
             timeouts,
             peers: Peers::default(),
             jobs: JobRegistry::new(&config.node_id),
             orders,
+            policy: config.policy.clone(),
         });
         if let (Ok(_), Some(why)) = (&node.criu, node.criu_problem()) {
             warn!(%why, "this node can neither send nor receive migrations");
@@ -197,7 +242,7 @@ impl Agent {
         tasks.spawn(serve_data_port(
             node.clone(),
             listener,
-            tls_server,
+            tls_server.clone(),
             accept_stop.clone(),
             tasks.clone(),
             jobs_changed.0.clone(),
@@ -221,6 +266,16 @@ impl Agent {
             offer_memory: config.offer_memory,
             evacuations: Evacuations::default(),
             draining: CancellationToken::new(),
+            hangup,
+            tls: config.tls.clone().zip(tls_server).zip(tls_client).map(
+                |((files, server), client)| TlsReload {
+                    files,
+                    crl: config.tls_crl.clone(),
+                    node: config.node_id.clone(),
+                    server,
+                    client,
+                },
+            ),
         })
     }
 
@@ -233,6 +288,10 @@ impl Agent {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = self.service.watchdog_due() => self.service.watchdog(),
                 _ = refresh.tick() => self.publish_status(true),
+                _ = self.hangup.recv() => match &self.tls {
+                    Some(tls) => tls.reload(),
+                    None => info!("SIGHUP: no TLS files to reload"),
+                },
                 Some(()) = self.jobs_changed.1.recv() => self.publish_status(true),
                 msg = self.inbound.recv() => match msg {
                     // Exit non-zero after the drain so systemd restarts us.
@@ -974,15 +1033,15 @@ impl Replies {
 async fn serve_data_port<E: Engine + 'static>(
     node: Arc<Node<E>>,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<Current<rustls::ServerConfig>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     jobs_changed: mpsc::Sender<()>,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(
-        crate::stream::tls::MAX_PENDING_HANDSHAKES,
-    ));
+    // Beyond these bounds a connection is closed at once, so a flood of
+    // silent peers costs a bounded number of sockets (each for at most
+    // the handshake timeout), and one host cannot take every place.
+    let handshakes = crate::stream::admission::Handshakes::default();
     loop {
         let (tcp, addr) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -996,13 +1055,22 @@ async fn serve_data_port<E: Engine + 'static>(
             },
         };
         tcp.set_nodelay(true).ok();
-        // Anonymous until the handshake ends: only so many at once.
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            warn!(%addr, "too many data connections in their TLS handshake; closed");
-            continue;
+        // Anonymous until the handshake ends: only so many at once, and
+        // fewer from one peer.
+        let permit = match handshakes.admit(addr.ip()) {
+            Ok(p) => p,
+            Err((refused, log)) => {
+                if log {
+                    warn!(%addr, %refused, "data connection closed before its TLS handshake (logged for the 1st, 2nd, 4th, 8th... such)");
+                }
+                continue;
+            }
         };
         let node = node.clone();
-        let acceptor = acceptor.clone();
+        // The config current now (SIGHUP may replace it for later ones).
+        let acceptor = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.get()));
         let stop = stop.clone();
         let changed = jobs_changed.clone();
         // An incoming job ended: the node status's job count changed (a

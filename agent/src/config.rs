@@ -98,6 +98,9 @@ pub struct AgentSettings {
     /// The fleet manager's public order key (PEM, `order.pub` from `ferry certs`): only jobs it signed are run. Without it any well-formed job is (development only).
     #[arg(long)]
     pub order_key: Option<PathBuf>,
+    /// The fleet CA's revocation list (PEM, `ferry certs` writes crl.pem): the data port refuses the certificates it lists; reloaded on SIGHUP.
+    #[arg(long)]
+    pub tls_crl: Option<PathBuf>,
     /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).
     #[arg(long)]
     #[serde(default)]
@@ -123,6 +126,14 @@ pub struct AgentSettings {
     /// Most memory, in bytes, this node offers incoming containers: its status's free_mem never says more (default: all the kernel reports available).
     #[arg(long)]
     pub offer_memory: Option<u64>,
+    /// A host folder incoming containers may bind-mount (and all below it); repeatable. Default: none.
+    #[arg(long = "allow-bind", value_name = "PATH")]
+    #[serde(default)]
+    pub allow_bind: Vec<PathBuf>,
+    /// A capability incoming containers may add (NET_ADMIN, ...); repeatable. Default: none.
+    #[arg(long = "allow-cap", value_name = "CAP")]
+    #[serde(default)]
+    pub allow_cap: Vec<String>,
 }
 
 impl AgentSettings {
@@ -152,6 +163,7 @@ impl AgentSettings {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             order_key: self.order_key.or(file.order_key),
+            tls_crl: self.tls_crl.or(file.tls_crl),
             insecure: self.insecure || file.insecure,
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
             checkpoint_with: self.checkpoint_with.or(file.checkpoint_with),
@@ -160,6 +172,16 @@ impl AgentSettings {
             criu_path: self.criu_path.or(file.criu_path),
             criu_config: self.criu_config.or(file.criu_config),
             offer_memory: self.offer_memory.or(file.offer_memory),
+            allow_bind: if self.allow_bind.is_empty() {
+                file.allow_bind
+            } else {
+                self.allow_bind
+            },
+            allow_cap: if self.allow_cap.is_empty() {
+                file.allow_cap
+            } else {
+                self.allow_cap
+            },
         }
     }
 
@@ -265,9 +287,44 @@ impl AgentSettings {
         if let Some(key) = &self.order_key {
             absolute("order_key", key)?;
         }
+        for path in &self.allow_bind {
+            absolute("allow_bind", path)?;
+            if path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(invalid(
+                    "allow_bind",
+                    format!("{} must not contain ..", path.display()),
+                ));
+            }
+        }
+        let mut allow_cap = Vec::new();
+        for cap in &self.allow_cap {
+            let name = crate::runtime::admission::cap_name(cap);
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                return Err(invalid(
+                    "allow_cap",
+                    format!("{cap:?} is not a capability name such as NET_ADMIN"),
+                ));
+            }
+            allow_cap.push(name);
+        }
+        if self.tls_crl.is_some() && tls.is_none() {
+            return Err(invalid(
+                "tls_crl",
+                "a CRL needs tls_ca, tls_cert and tls_key",
+            ));
+        }
+        let policy = crate::runtime::admission::HostPolicy {
+            allow_bind: self.allow_bind,
+            allow_cap,
+        };
         Ok(AgentConfig {
             offer_memory: self.offer_memory,
             order_key: self.order_key,
+            policy,
+            tls_crl: self.tls_crl,
             runc,
             criu_config,
             node_id,
@@ -315,6 +372,10 @@ pub struct AgentConfig {
     pub criu_config: PathBuf,
     /// Caps the memory the node status offers (placement reads it).
     pub offer_memory: Option<u64>,
+    /// What incoming containers may use here.
+    pub policy: crate::runtime::admission::HostPolicy,
+    /// Certificates the data port refuses (a CRL of the fleet CA).
+    pub tls_crl: Option<PathBuf>,
 }
 
 fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -429,6 +490,22 @@ mod tests {
     }
 
     #[test]
+    fn the_target_policy_is_strict_unless_configured() {
+        let c = minimal().validate().unwrap();
+        assert_eq!(c.policy, Default::default());
+        let file: AgentSettings =
+            toml::from_str("allow_bind = [\"/srv/ferry\"]\nallow_cap = [\"cap_net_admin\"]")
+                .unwrap();
+        let c = AgentSettings::default()
+            .over(file)
+            .over(minimal())
+            .validate()
+            .unwrap();
+        assert_eq!(c.policy.allow_bind, vec![PathBuf::from("/srv/ferry")]);
+        assert_eq!(c.policy.allow_cap, vec!["NET_ADMIN".to_string()]);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases: Vec<(AgentSettings, &str)> = vec![
             (
@@ -507,6 +584,34 @@ mod tests {
                     ..minimal()
                 },
                 "docker_exec_root",
+            ),
+            (
+                AgentSettings {
+                    allow_bind: vec!["/srv/../etc".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_bind: vec!["srv".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_cap: vec!["net admin".into()],
+                    ..minimal()
+                },
+                "allow_cap",
+            ),
+            (
+                AgentSettings {
+                    tls_crl: Some("/etc/ferry/crl.pem".into()),
+                    ..minimal()
+                },
+                "tls_crl",
             ),
             (
                 AgentSettings {

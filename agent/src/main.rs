@@ -31,7 +31,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: AgentSettings,
+        settings: Box<AgentSettings>,
     },
     /// Publish a migrate job and follow it until it ends.
     Migrate(MigrateArgs),
@@ -57,13 +57,16 @@ enum Command {
         #[command(flatten)]
         signing: SignArgs,
     },
-    /// Create a development fleet CA, certificates for a broker, nodes and a manager, and the manager's order signing key.
+    /// Create a fleet CA, a manager CA, certificates for a broker, nodes and a manager, and the manager's order signing key; or revoke a node's certificate.
     Certs {
         #[arg(long)]
         out: PathBuf,
         /// Node ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "revoke")]
         nodes: Vec<String>,
+        /// Revoke this node's certificate (OUT/NODE.pem): add it to OUT/crl.pem, which mosquitto's crlfile and the agents' tls_crl read.
+        #[arg(long, value_name = "NODE", conflicts_with = "nodes")]
+        revoke: Option<String>,
         #[arg(long, default_value = ferry_agent::certs::DEFAULT_MANAGER)]
         manager: String,
         /// Broker host names and IPs for its certificate, comma-separated.
@@ -142,10 +145,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Certs {
             out,
+            revoke: Some(node),
+            ..
+        } => {
+            let serial = ferry_agent::certs::revoke(&out, &node)?;
+            println!(
+                "revoked {node} (serial {serial}) in {}; copy it to the nodes and send their agents SIGHUP, and restart the broker",
+                out.join(ferry_agent::certs::CRL_FILE).display()
+            );
+        }
+        Command::Certs {
+            out,
             nodes,
             manager,
             broker_hosts,
             days,
+            revoke: None,
         } => {
             ferry_agent::certs::generate(
                 &out,

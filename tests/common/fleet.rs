@@ -606,6 +606,12 @@ impl Fleet<TlsBroker> {
         Subscriber::start(self.broker.client_as("mosquitto_sub", who), filters)
     }
 
+    /// A subscriber from a `mosquitto_sub` command the test set up itself
+    /// (another listener, a client id of its choice).
+    pub fn subscribe_with(&self, mosquitto_sub: Command, filters: &[&str]) -> Subscriber {
+        Subscriber::start(mosquitto_sub, filters)
+    }
+
     pub fn broker_log_text(&self) -> String {
         self.broker.log_text()
     }

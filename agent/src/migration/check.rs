@@ -105,6 +105,11 @@ pub enum CheckError {
         container: String,
         refusal: crate::runtime::sockets::TcpRefusal,
     },
+    #[error("{node} does not allow this container: {refusal}")]
+    NotAllowed {
+        node: String,
+        refusal: crate::runtime::mounts::MountRefusal,
+    },
     #[error("stream for job {job_id} from {source_node} does not match the prepared job {expected_job} from {expected_source}")]
     StreamMismatch {
         job_id: String,
@@ -326,6 +331,26 @@ pub fn prepare_identity(
         });
     }
     Ok(())
+}
+
+/// This node's own policy allows the container the `Prepare` asks for: its
+/// create body and the volumes of its state plan.
+pub fn allowed(
+    prepare: &Prepare,
+    here: &str,
+    policy: &crate::runtime::admission::HostPolicy,
+) -> Result<(), CheckError> {
+    let volumes = prepare
+        .state
+        .as_ref()
+        .map(|s| s.volumes.as_slice())
+        .unwrap_or_default();
+    policy
+        .admit(&prepare.spec, volumes)
+        .map_err(|refusal| CheckError::NotAllowed {
+            node: here.to_owned(),
+            refusal,
+        })
 }
 
 /// The image the container needs is on this node.

@@ -98,6 +98,8 @@ pub struct Node<E> {
     /// Whether orders must be signed by the manager, and the target's
     /// ledger of the signed incoming jobs it accepted.
     pub orders: crate::order::Orders,
+    /// What an incoming container may use on this node.
+    pub policy: crate::runtime::admission::HostPolicy,
 }
 
 impl<E> Node<E> {
@@ -146,7 +148,8 @@ impl Reporter for MqttReporter {
 
 /// TCP, then mutual TLS unless the agent runs `--insecure` without TLS files.
 pub struct TcpDialer {
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Replaced on SIGHUP (see [`crate::stream::tls::Current`]).
+    pub tls: Option<Arc<crate::stream::tls::Current<rustls::ClientConfig>>>,
     pub connect_timeout: Duration,
 }
 
@@ -180,7 +183,7 @@ impl TcpDialer {
                 source,
             }
         })?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        let stream = tokio_rustls::TlsConnector::from(tls.get())
             .connect(name, tcp)
             .await
             .map_err(|source| MigrationError::Handshake {

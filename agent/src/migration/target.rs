@@ -186,6 +186,8 @@ where
     async fn precheck(&mut self) -> Result<(), MigrationError> {
         let (node, p) = (self.node, self.prepare);
         let spec = &p.spec;
+        // Before any engine call: the sender may be compromised.
+        check::allowed(p, &node.id, &node.policy)?;
         check::compatible(&Facts::of_prepare(p), &node.facts())?;
         check::name_free(&spec.name, &node.id, node.engine.inspect(&spec.name).await)?;
         let mut image_bytes = 0;

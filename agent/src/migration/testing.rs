@@ -129,6 +129,7 @@ pub(crate) fn test_node(
         ))),
         reporter: Box::new(statuses.clone()),
         dialer: Box::new(PipeDialer(dialer)),
+        policy: Default::default(),
         timeouts: Timeouts {
             connect: WAIT,
             prepare: WAIT,

@@ -2,6 +2,7 @@
 //! drivers can be unit-tested with a recording fake (`fake`, tests only)
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
+pub mod admission;
 pub mod deadline;
 pub mod docker;
 #[cfg(test)]

@@ -8,9 +8,12 @@
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
 //! - [`wire`]: the data-port protocol between a source and a target agent.
 //! - [`tls`]: mutual TLS configs from PEM files, and peer identities.
+//! - [`admission`]: how many data connections each peer may hold in their
+//!   TLS handshake.
 //! - `tarcore`: tar byte counting and the safe-extraction core, shared by
 //!   [`archive`] and the runtime's container-layer and volume apply.
 
+pub mod admission;
 pub mod archive;
 mod pipe;
 pub mod ratelimit;

@@ -62,7 +62,7 @@ fn cli_migrate(fleet: &SecureFleet, container: &str, from: &str, to: &str, job: 
     let out = run_with_timeout(
         Command::new(ferry_bin())
             .args(["migrate", container, "--from", from, "--to", to])
-            .args(["--job-id", job, "--mqtt", &fleet.broker.url()])
+            .args(["--job-id", job, "--mqtt", &fleet.broker.manager_url()])
             .args(["--topic-root", ROOT, "--tls-ca"])
             .arg(certs.join("ca.pem"))
             .arg("--tls-cert")

@@ -164,6 +164,12 @@ impl Broker for TlsBroker {
 }
 
 impl TlsBroker {
+    /// Where the manager's commands connect: the listener that trusts the
+    /// manager's CA.
+    pub fn manager_url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.manager_port)
+    }
+
     /// `mosquitto_pub` or `mosquitto_sub` connected as `who`, on the
     /// manager's listener for the `manager` name, else on the nodes'.
     pub fn client_as(&self, tool: &str, who: Who) -> Command {

@@ -3,6 +3,8 @@
 //!
 //! - [`archive`]: tar of a checkpoint folder, and extraction that never
 //!   writes outside its destination.
+//! - [`delta`]: page images as blocks the target lacks and references to
+//!   blocks it has, by content hash (pre-copy).
 //! - `pipe`: bounded byte pipes between the blocking tar/zstd threads and
 //!   the async connection.
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
@@ -12,6 +14,7 @@
 //!   [`archive`] and the runtime's container-layer and volume apply.
 
 pub mod archive;
+pub mod delta;
 mod pipe;
 pub mod ratelimit;
 pub(crate) mod tarcore;

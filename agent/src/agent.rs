@@ -380,6 +380,7 @@ impl Agent {
                     zstd_level: options.zstd_level,
                     tcp: options.tcp,
                     bind_mounts: options.bind_mounts,
+                    precopy: options.precopy,
                 };
                 self.spawn_migration(job);
             }
@@ -652,6 +653,7 @@ mod tests {
             zstd_level: 3,
             tcp: Default::default(),
             bind_mounts: Default::default(),
+            precopy: Default::default(),
         }
     }
 

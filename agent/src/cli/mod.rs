@@ -184,6 +184,10 @@ pub struct MigrateArgs {
     /// the source (default `refuse`: a container with bind mounts stays).
     #[arg(long, value_parser = ["refuse", "present"])]
     pub bind_mounts: Option<String>,
+    /// `auto` (default): pre-copy memory while the container runs; `off`:
+    /// stop and copy.
+    #[arg(long, value_parser = ["auto", "off"])]
+    pub precopy: Option<String>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
@@ -231,6 +235,9 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
     }
     if let Some(b) = &args.bind_mounts {
         options["bind_mounts"] = serde_json::Value::String(b.clone());
+    }
+    if let Some(p) = &args.precopy {
+        options["precopy"] = serde_json::Value::String(p.clone());
     }
     let job = serde_json::json!({
         "action": "migrate",

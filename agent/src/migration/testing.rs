@@ -245,6 +245,7 @@ impl Pair {
             zstd_level: 3,
             tcp,
             bind_mounts: Default::default(),
+            precopy: Default::default(),
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -475,7 +476,22 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
     let mut seen = phases.clone();
     seen.dedup();
     use crate::mqtt::contract::Phase::*;
-    assert_eq!(seen, [Precheck, Checkpoint, Transfer, Restore, Cleanup]);
+    assert_eq!(
+        seen,
+        [Precheck, Precopy, Checkpoint, Transfer, Restore, Cleanup]
+    );
+    // The fake engine cannot leave a container running: no rounds, and
+    // the status says why.
+    let precopy = status.precopy.clone().expect("the source reports pre-copy");
+    assert!(precopy.rounds.is_empty() && precopy.final_round.is_none());
+    assert!(
+        precopy
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot dump a running container"),
+        "{precopy:?}"
+    );
 }
 
 /// Every failure injected at every step before the target confirms: the

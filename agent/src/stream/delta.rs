@@ -101,7 +101,7 @@ impl BlockIndex {
                 block: (i as u32).to_le_bytes(),
             })
             .collect();
-        sorted.sort_unstable_by(|a, b| a.hash.cmp(&b.hash));
+        sorted.sort_unstable_by_key(|e| e.hash);
         sorted.dedup_by(|a, b| a.hash == b.hash);
         sorted.shrink_to_fit();
         BlockIndex { sorted }
@@ -304,7 +304,9 @@ mod tests {
 
     /// Deterministic noise: distinct blocks.
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
                 x ^= x << 13;
@@ -409,7 +411,10 @@ mod tests {
     fn empty_content_round_trips() {
         let (delta, st, _) = encode_vec(&[], &Known::default());
         assert_eq!((st.blocks, delta.len()), (0, 48));
-        assert_eq!(Target::holding(&[]).0.decode(&delta).unwrap().0, Vec::<u8>::new());
+        assert_eq!(
+            Target::holding(&[]).0.decode(&delta).unwrap().0,
+            Vec::<u8>::new()
+        );
     }
 
     #[test]
@@ -430,7 +435,10 @@ mod tests {
         let (delta, _, _) = encode_vec(&old, &known);
         // A reference the target does not have.
         let (other, _) = Target::holding(&noise(4 * BLOCK, 9));
-        assert!(matches!(other.decode(&delta), Err(DeltaError::Unknown { .. })));
+        assert!(matches!(
+            other.decode(&delta),
+            Err(DeltaError::Unknown { .. })
+        ));
         // Bad magic, a bad tag, truncation, trailing bytes, a huge length.
         let mut bad = delta.clone();
         bad[0] = b'X';
@@ -450,7 +458,9 @@ mod tests {
         assert!(matches!(target.decode(&bad), Err(DeltaError::Trailing)));
         let mut out = Vec::new();
         let err = decode(&delta[..], 100, |_, _| Ok(false), &mut out, &mut Vec::new());
-        assert!(matches!(err, Err(DeltaError::TooLong { len, max: 100 }) if len == 4 * BLOCK as u64));
+        assert!(
+            matches!(err, Err(DeltaError::TooLong { len, max: 100 }) if len == 4 * BLOCK as u64)
+        );
         // A reference as the short last block is not a thing.
         let mut short = MAGIC.to_vec();
         short.extend_from_slice(&10u64.to_le_bytes());
@@ -462,7 +472,13 @@ mod tests {
     fn page_images_are_named_pages_n_img() {
         assert!(is_page_image("pages-1.img"));
         assert!(is_page_image("pages-12.img"));
-        for other in ["pagemap-1.img", "pages-.img", "pages-1.img.delta", "pages-x.img", "core-1.img"] {
+        for other in [
+            "pagemap-1.img",
+            "pages-.img",
+            "pages-1.img.delta",
+            "pages-x.img",
+            "core-1.img",
+        ] {
             assert!(!is_page_image(other), "{other}");
         }
     }

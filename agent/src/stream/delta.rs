@@ -6,12 +6,15 @@
 //! Sans-I/O over `Read`/`Write`: the encoder needs only the set of hashes
 //! the target holds ([`Known`]); the decoder a function that fills a block
 //! for a hash (the target's [`BlockIndex`] over its staged images). A delta
-//! ends with the SHA-256 of the complete content, which the decoder checks,
+//! ends with a checksum of the complete content, which the decoder checks,
 //! so a wrong reference fails the job instead of restoring corrupt memory.
+//! The checksum is the SHA-256 over each full block's hash (and the bytes of
+//! a short last block): both sides hash every block once anyway, so the
+//! content is read and hashed once, not twice.
 //!
 //! Format: `MAGIC`, content length (u64 LE), one record per block (`LITERAL`
 //! then the block, the last one possibly short; or `REFERENCE` then the
-//! 16-byte hash of a full block), then the 32-byte SHA-256 of the content.
+//! 16-byte hash of a full block), then the 32-byte checksum.
 
 use std::io::{self, Read, Write};
 
@@ -195,10 +198,13 @@ pub fn encode(
         let n = left.min(BLOCK as u64) as usize;
         let block = &mut buf[..n];
         input.read_exact(block)?;
-        sum.update(&*block);
         left -= n as u64;
         st.blocks += 1;
         let h = (n == BLOCK).then(|| block_hash(block));
+        match &h {
+            Some(h) => sum.update(h),
+            None => sum.update(&*block),
+        }
         if let Some(h) = h {
             hashes.push(h);
             if known.contains(&h) {
@@ -275,9 +281,12 @@ pub fn decode(
         }
         let block = &buf[..n];
         if n == BLOCK {
-            hashes.push(block_hash(block));
+            let h = block_hash(block);
+            sum.update(h);
+            hashes.push(h);
+        } else {
+            sum.update(block);
         }
-        sum.update(block);
         out.write_all(block)?;
         left -= n as u64;
         st.blocks += 1;

@@ -1,0 +1,157 @@
+//! Pre-copy by page content on the bed (issue 10): real mosquitto, dockerd,
+//! runc and CRIU, real agents. A pre-copied migration must end with memory
+//! byte-identical to the source's, which memhog proves by verifying every
+//! page each second (and, in its rewrite mode, that no page is older than
+//! its own count of rewrites says).
+
+use std::time::Duration;
+
+use ferry_tests::fleet::DevFleet as Fleet;
+use ferry_tests::{memhog_ready, parse_memhog, wait_for, Bed, MemhogLog, Node, MEMHOG_IMAGE};
+use serde_json::{json, Value};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+const MIB: u64 = 1 << 20;
+
+/// Runs memhog with `args` on node1, migrates it to node2 with `options`
+/// and returns the source's final status, the memhog's checksum when it
+/// was ready, and its log on node2 once it ticked twice there.
+fn migrate_memhog(args: &[&str], options: Value) -> (Value, String, MemhogLog) {
+    let fleet = Fleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let _a2 = fleet.start_agent(2);
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, args);
+    let name = source.name.clone();
+    let checksum = memhog_ready(&source);
+    let job = fleet.send_migrate(&source, 2, Some(options));
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    println!("memhog {args:?}: final status {status}");
+    assert_eq!(status["state"], "succeeded", "final status: {status}");
+    assert!(!n1.exists(&name), "{name} still exists on node1");
+    let after = ticking(n2, &name);
+    assert!(n2.is_running(&name));
+    (status, checksum, after)
+}
+
+/// memhog's log on `node` once it ticked twice there (or failed).
+fn ticking(node: &Node, name: &str) -> MemhogLog {
+    let log = wait_for("memhog ticking on node2", Duration::from_secs(30), || {
+        let log = parse_memhog(&node.logs(name))?;
+        if log.mismatch.is_some() || log.ticks.len() >= 2 {
+            return Ok(log);
+        }
+        Err("fewer than 2 ticks".to_string())
+    });
+    assert_eq!(log.mismatch, None, "memory corrupted after migration");
+    assert_eq!(
+        log.ready, None,
+        "memhog started over on node2 (printed ready again)"
+    );
+    log
+}
+
+fn rounds(status: &Value) -> Vec<Value> {
+    status["precopy"]["rounds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pre-copy rounds in the status: {status}"))
+        .clone()
+}
+
+fn field(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+#[test]
+fn memhog_256_is_pre_copied_and_its_memory_intact() {
+    let (status, checksum, after) = migrate_memhog(&["256"], json!({"rate_limit": "20MiB/s"}));
+    for (tick, sum) in &after.ticks {
+        assert_eq!(
+            sum, &checksum,
+            "tick {tick} checksum differs from the source's"
+        );
+    }
+    let rounds = rounds(&status);
+    assert!(!rounds.is_empty() && rounds.len() <= 3, "{rounds:?}");
+    // The first round sends all of memory while the container runs.
+    let first = &rounds[0];
+    assert!(field(first, "bytes_pages") >= 256 * MIB, "{first}");
+    assert!(field(first, "bytes_new") >= 256 * MIB, "{first}");
+    // memhog does not write after filling: the final dump is references.
+    let last = &status["precopy"]["final_round"];
+    let (pages, new, wire) = (
+        field(last, "bytes_pages"),
+        field(last, "bytes_new"),
+        field(last, "bytes_wire"),
+    );
+    assert!(pages >= 256 * MIB, "{last}");
+    assert!(
+        new < MIB,
+        "the final dump sent {new} B of pages whole; memhog changed none: {status}"
+    );
+    assert!(
+        wire * 20 < field(first, "bytes_wire"),
+        "the final transfer ({wire} B) is not much smaller than the first round's: {status}"
+    );
+    assert_eq!(field(&status, "bytes_wire"), wire, "{status}");
+    println!(
+        "pre-copy: rounds {rounds:?}; final: pages {pages} B, new {new} B, wire {wire} B; timings {}",
+        status["timings_ms"]
+    );
+}
+
+#[test]
+fn memhog_rewriting_a_few_pages_a_second_is_pre_copied_intact() {
+    // 2% of 256 MiB a second: the final dump carries those pages whole.
+    let (status, _, after) = migrate_memhog(&["256", "2"], json!({"rate_limit": "20MiB/s"}));
+    assert!(
+        after.rewrites.first().is_some_and(|r| *r > 0),
+        "memhog's rewrite count did not carry over: {:?}",
+        after.rewrites
+    );
+    let rounds = rounds(&status);
+    assert!(!rounds.is_empty(), "{status}");
+    let last = &status["precopy"]["final_round"];
+    let (pages, new) = (field(last, "bytes_pages"), field(last, "bytes_new"));
+    assert!(
+        new > 0 && new < pages / 2,
+        "the final dump should carry the rewritten pages only: {status}"
+    );
+    println!("pre-copy with 2%/s rewritten: rounds {rounds:?}; final {last}");
+}
+
+#[test]
+fn memhog_rewriting_all_its_memory_falls_back_to_stop_and_copy() {
+    let (status, _, after) = migrate_memhog(&["256", "100"], json!({"rate_limit": "20MiB/s"}));
+    assert!(
+        after.rewrites.first().is_some_and(|r| *r > 0),
+        "memhog's rewrite count did not carry over: {:?}",
+        after.rewrites
+    );
+    let precopy = &status["precopy"];
+    let rounds = rounds(&status);
+    assert_eq!(rounds.len(), 2, "one round to learn it, no more: {status}");
+    assert!(
+        precopy["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stop and copy"),
+        "{status}"
+    );
+    assert!(precopy.get("final_round").is_none(), "{status}");
+    // The final dump went whole.
+    assert!(field(&status, "bytes_raw") >= 256 * MIB, "{status}");
+}
+
+#[test]
+fn precopy_off_is_stop_and_copy() {
+    let (status, checksum, after) = migrate_memhog(&["64"], json!({"precopy": "off"}));
+    assert_eq!(after.ticks[0].1, checksum);
+    let precopy = &status["precopy"];
+    assert!(rounds(&status).is_empty(), "{status}");
+    assert!(
+        precopy["note"].as_str().unwrap_or("").contains("off"),
+        "{status}"
+    );
+    assert!(field(&status, "bytes_raw") >= 64 * MIB, "{status}");
+}

@@ -90,6 +90,7 @@ where
         container_id: None,
         image_wanted: None,
         volumes: Vec::new(),
+        staged: None,
     };
     loop {
         let step = machine.step();
@@ -123,6 +124,9 @@ struct Driver<'a, E, S> {
     image_wanted: Option<HashSet<String>>,
     /// Volumes created for the job.
     volumes: Vec<String>,
+    /// The images pre-copy staged, and the cap on the assembled content,
+    /// until `ApplyState` assembles the final images.
+    staged: Option<(Staged, u64)>,
 }
 
 impl<'a, E, S> Driver<'a, E, S>
@@ -347,16 +351,8 @@ where
                 raw += report.bytes_raw;
                 wire_bytes += report.bytes_wire;
                 if round > 0 {
-                    let dir = self.staging.clone();
-                    let max = limits.max_total_bytes;
-                    let (st, _) = tokio::task::spawn_blocking(move || {
-                        precopy::assemble(&dir, &dir, &staged, max)
-                    })
-                    .await
-                    .map_err(MigrationError::PreCopyTask)??;
-                    info!(job = %p.job_id, rounds = round, pages = st.bytes, new = st.literal_bytes(), "final images assembled");
+                    self.staged = Some((staged, limits.max_total_bytes));
                 }
-                self.clear_precopy().await;
                 machine.received(raw, wire_bytes);
                 return Ok(());
             }
@@ -392,6 +388,24 @@ where
         }
     }
 
+    /// After pre-copy: the final images from their deltas and the staged
+    /// rounds. Here rather than in `Receive` so that a failure (a checksum
+    /// mismatch) reaches the source as the reason of its rollback.
+    async fn assemble(&mut self) -> Result<(), MigrationError> {
+        let Some((staged, max)) = self.staged.take() else {
+            return Ok(());
+        };
+        let dir = self.staging.clone();
+        let assembled =
+            tokio::task::spawn_blocking(move || precopy::assemble(&dir, &dir, &staged, max))
+                .await
+                .map_err(MigrationError::PreCopyTask);
+        self.clear_precopy().await;
+        let (st, _) = assembled??;
+        info!(job = %self.prepare.job_id, pages = st.bytes, new = st.literal_bytes(), "final images assembled");
+        Ok(())
+    }
+
     /// The pre-copy folders of this job.
     async fn clear_precopy(&self) {
         let staging = self.node.work_dir.join("staging");
@@ -403,9 +417,11 @@ where
         }
     }
 
-    /// Writes the files into the created container's layer and fills its
-    /// volumes, before anything starts; the state folder leaves staging.
+    /// Assembles the pre-copied images, then writes the files into the
+    /// created container's layer and fills its volumes, before anything
+    /// starts; the state folder leaves staging.
     async fn apply_state(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+        self.assemble().await?;
         let Some(plan) = self.plan() else {
             return Ok(());
         };

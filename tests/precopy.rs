@@ -237,3 +237,72 @@ fn a_staged_block_changed_on_the_target_fails_the_checksum_and_rolls_back() {
     }
     assert!(n1.is_running(&name));
 }
+
+/// A cancel while pre-copy rounds run: the container never stopped, it
+/// keeps running on the source, and the target keeps nothing, its staged
+/// rounds included.
+#[test]
+fn cancel_during_pre_copy_leaves_the_workload_running_on_the_source() {
+    let fleet = Fleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let a2 = fleet.start_agent(2);
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
+    let source = fleet.run(1, "memhog", MEMHOG_IMAGE, &["256"]);
+    let name = source.name.clone();
+    let checksum = memhog_ready(&source);
+    // 128 MiB at 4 MiB/s: the first round takes about half a minute.
+    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "4MiB/s"})));
+    let topic = fleet.topic(&format!("node1/jobs/{job}/status"));
+    let staging = a2.work.join("staging");
+    wait_for(
+        "the first round on its way to node2",
+        Duration::from_secs(120),
+        || match fleet.retained(&topic) {
+            Some(s) if s["state"] != "in_progress" && s["state"] != "queued" => {
+                panic!("job ended before the cancel: {s}")
+            }
+            Some(s)
+                if s["phase"] == "precopy" && staging.join(format!("{job}@pre1-recv")).exists() =>
+            {
+                Ok(())
+            }
+            other => Err(format!("status {other:?}")),
+        },
+    );
+    let cancel = ferry_tests::unique_name("cancel");
+    let replies = fleet.subscribe(&fleet.topic(&format!("node1/jobs/{cancel}/#")));
+    fleet.send_job("node1", &cancel, &json!({"action": "cancel", "job": job}));
+    replies.wait_topic(&format!("/jobs/{cancel}/accepted"), Duration::from_secs(20));
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "canceled", "{status}");
+    assert_eq!(
+        status.get("checkpoint_via"),
+        None,
+        "it was never checkpointed: {status}"
+    );
+    let target = fleet.final_status("node2", &job, JOB_TIMEOUT);
+    assert_ne!(target["state"], "succeeded", "{target}");
+    assert!(!n2.exists(&name), "node2 kept a copy");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().contains(&job)),
+        "node2's staging still holds {left:?}"
+    );
+    // The same process, never stopped: memory intact, ticking on.
+    let before = parse_memhog(&n1.logs(&name)).map_or(0, |l| l.ticks.len());
+    let log = wait_for("memhog ticking on node1", Duration::from_secs(30), || {
+        let log = parse_memhog(&n1.logs(&name))?;
+        (log.mismatch.is_some() || log.ticks.len() >= before + 2)
+            .then_some(log)
+            .ok_or_else(|| "no new ticks".to_string())
+    });
+    assert_eq!(log.mismatch, None);
+    assert!(
+        log.ticks.iter().all(|(_, s)| s == &checksum),
+        "{:?}",
+        log.ticks
+    );
+    assert!(n1.is_running(&name));
+}

@@ -170,11 +170,9 @@ impl<E: Engine> Driver<'_, E> {
                 _ = gate.canceled() => return Outcome::Canceled,
                 r = self.send_image(machine) => r,
             },
-            Step::PreCopy => tokio::select! {
-                biased;
-                _ = gate.canceled() => return Outcome::Canceled,
-                r = self.precopy(machine) => r,
-            },
+            // A cancel stops it between dumps and during a send, never in
+            // the middle of a dump (CRIU has the container frozen then).
+            Step::PreCopy => self.precopy(machine).await,
             // Not interruptible: a cancel is honoured once it returns.
             Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
@@ -488,7 +486,11 @@ impl<E: Engine> Driver<'_, E> {
         };
         let mut known = Known::default();
         let mut new_bytes = Vec::new();
+        let gate = self.gate;
         for round in 1.. {
+            if gate.is_canceled() {
+                return Ok(());
+            }
             let start = Instant::now();
             let dump = base.join("dump");
             match node
@@ -520,13 +522,16 @@ impl<E: Engine> Driver<'_, E> {
             let header = self.header(format!("{name}@pre{round}"));
             let opts = self.send_options();
             let conn = self.conn()?;
-            let sent = wire::send_checkpoint(conn, &header, &send, &opts, |_| {})
-                .await
-                .map_err(|source| MigrationError::PreCopySend {
-                    round,
-                    target: job.target.clone(),
-                    source,
-                })?;
+            let sent = tokio::select! {
+                biased;
+                _ = gate.canceled() => return Ok(()),
+                r = wire::send_checkpoint(conn, &header, &send, &opts, |_| {}) => r,
+            }
+            .map_err(|source| MigrationError::PreCopySend {
+                round,
+                target: job.target.clone(),
+                source,
+            })?;
             let _ = tokio::fs::remove_dir_all(&send).await;
             known = Known::new(hashes);
             let r = PreCopyRound {

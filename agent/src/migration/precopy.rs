@@ -298,6 +298,90 @@ pub fn assemble(
     Ok((total, written))
 }
 
+/// The final dump on the target: decodes every `<name>.delta` at the top
+/// of `dir` into `<dir>/<name>`, like [`assemble`], except that a delta
+/// whose references all name the block already at their own position in
+/// the staged image of the same name (memory that did not move: the usual
+/// case) is applied in place: the staged image is moved over and only the
+/// new blocks are written, then it is read back and checked. Those go last,
+/// after the deltas that read staged blocks elsewhere. Returns the stats
+/// and how many images were patched in place.
+pub fn assemble_final(
+    dir: &Path,
+    staged: &Staged,
+    max: u64,
+) -> Result<(DeltaStats, usize), PreCopyError> {
+    let mut in_place = Vec::new();
+    for name in entries(dir)? {
+        let Some(image) = name.strip_suffix(delta::SUFFIX) else {
+            continue;
+        };
+        let Some(i) = staged
+            .files
+            .iter()
+            .position(|(p, _)| p.file_name().is_some_and(|n| n == image))
+        else {
+            continue;
+        };
+        let (path, first) = &staged.files[i];
+        let end = staged
+            .files
+            .get(i + 1)
+            .map_or(staged.index.len() as u64, |(_, f)| *f);
+        let len = fs::metadata(path).map_err(io_err("reading", path))?.len();
+        let src = dir.join(&name);
+        let input = File::open(&src).map_err(io_err("opening", &src))?;
+        let at = |b: u64| {
+            (first + b < end)
+                .then(|| staged.index.hash_at(first + b).copied())
+                .flatten()
+        };
+        let ok = delta::positional(BufReader::with_capacity(1 << 20, input), len, at).map_err(
+            |source| PreCopyError::Delta {
+                path: src.clone(),
+                source,
+            },
+        )?;
+        if ok {
+            in_place.push((name.clone(), image.to_owned(), path.clone()));
+        }
+    }
+    // The others first: they may read staged blocks of any image.
+    let tmp = dir.join(".in-place");
+    if !in_place.is_empty() {
+        fresh_dir(&tmp)?;
+        for (name, _, _) in &in_place {
+            let (from, to) = (dir.join(name), tmp.join(name));
+            fs::rename(&from, &to).map_err(io_err("moving", &from))?;
+        }
+    }
+    let (mut total, _) = assemble(dir, dir, staged, max)?;
+    let mut left = max.saturating_sub(total.bytes);
+    for (name, image, staged_path) in &in_place {
+        let src = tmp.join(name);
+        let dst = dir.join(image);
+        fs::rename(staged_path, &dst).map_err(io_err("moving", staged_path))?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dst)
+            .map_err(io_err("opening", &dst))?;
+        let input = File::open(&src).map_err(io_err("opening", &src))?;
+        let st = delta::patch(BufReader::with_capacity(1 << 20, input), &file, left).map_err(
+            |source| PreCopyError::Delta {
+                path: dst.clone(),
+                source,
+            },
+        )?;
+        left = left.saturating_sub(st.bytes);
+        total.add(st);
+    }
+    if !in_place.is_empty() {
+        fs::remove_dir_all(&tmp).map_err(io_err("removing", &tmp))?;
+    }
+    Ok((total, in_place.len()))
+}
+
 /// The images a round assembled, as the next round's [`Staged`].
 pub fn staged_from(written: Vec<Assembled>) -> Staged {
     let mut files = Vec::with_capacity(written.len());
@@ -307,7 +391,7 @@ pub fn staged_from(written: Vec<Assembled>) -> Staged {
         all.extend(hashes);
     }
     Staged {
-        index: BlockIndex::new(&all),
+        index: BlockIndex::new(all),
         files,
     }
 }
@@ -439,9 +523,12 @@ mod tests {
             "the original stays whole"
         );
         assert_eq!(fs::read(out.join("sub/state.tar")).unwrap(), b"files");
-        // The target assembles in place, next to the other images.
-        let (_, written) = assemble(&out, &out, &staged, u64::MAX).unwrap();
-        assert_eq!(written.len(), 2);
+        // The target assembles next to the other images: pages-1.img moved
+        // (copied from staged blocks), pages-2.img did not (patched in
+        // place: the staged copy is gone from `pre`).
+        let (st, in_place) = assemble_final(&out, &staged, u64::MAX).unwrap();
+        assert_eq!((st.literal_blocks, in_place), (3, 1));
+        assert!(!pre.join("pages-2.img").exists());
         assert_eq!(
             entries(&out).unwrap(),
             ["core-1.img", "pages-1.img", "pages-2.img", "sub"]
@@ -472,7 +559,7 @@ mod tests {
         let mut bad = p.clone();
         bad[5 * BLOCK + 9] ^= 1;
         fs::write(pre.join("pages-1.img"), &bad).unwrap();
-        let err = assemble(&out, &out, &staged, u64::MAX).unwrap_err();
+        let err = assemble_final(&out, &staged, u64::MAX).unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -487,7 +574,7 @@ mod tests {
         fs::write(pre.join("pages-1.img"), &p).unwrap();
         let _ = fs::remove_file(out.join("pages-1.img"));
         encode_final(&dump, &out, &Known::default()).unwrap();
-        let err = assemble(&out, &out, &staged, 1000).unwrap_err();
+        let err = assemble_final(&out, &staged, 1000).unwrap_err();
         assert!(
             matches!(
                 &err,

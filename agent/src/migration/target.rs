@@ -397,12 +397,12 @@ where
         };
         let dir = self.staging.clone();
         let assembled =
-            tokio::task::spawn_blocking(move || precopy::assemble(&dir, &dir, &staged, max))
+            tokio::task::spawn_blocking(move || precopy::assemble_final(&dir, &staged, max))
                 .await
                 .map_err(MigrationError::PreCopyTask);
         self.clear_precopy().await;
-        let (st, _) = assembled??;
-        info!(job = %self.prepare.job_id, pages = st.bytes, new = st.literal_bytes(), "final images assembled");
+        let (st, in_place) = assembled??;
+        info!(job = %self.prepare.job_id, pages = st.bytes, new = st.literal_bytes(), in_place, "final images assembled");
         Ok(())
     }
 

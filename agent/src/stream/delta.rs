@@ -79,54 +79,50 @@ impl Known {
     }
 }
 
-/// Where each block the target holds is (the target's view): sorted by
-/// hash, 20 bytes a block (5 MiB for 1 GiB of pages). `block` numbers the
-/// blocks of the staged images one after another.
+/// Where each block the target holds is (the target's view): the hash of
+/// every block in order (`block` numbers the blocks of the staged images
+/// one after another), and the block numbers sorted by hash; 20 bytes a
+/// block (5 MiB for 1 GiB of pages).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BlockIndex {
-    sorted: Vec<Entry>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry {
-    hash: BlockHash,
-    block: [u8; 4],
+    hashes: Vec<BlockHash>,
+    by_hash: Vec<u32>,
 }
 
 impl BlockIndex {
     /// From the hashes of blocks 0, 1, 2, ... in order.
-    pub fn new(hashes: &[BlockHash]) -> BlockIndex {
-        let mut sorted: Vec<Entry> = hashes
-            .iter()
-            .enumerate()
-            .map(|(i, hash)| Entry {
-                hash: *hash,
-                block: (i as u32).to_le_bytes(),
-            })
-            .collect();
-        sorted.sort_unstable_by_key(|e| e.hash);
-        sorted.dedup_by(|a, b| a.hash == b.hash);
-        sorted.shrink_to_fit();
-        BlockIndex { sorted }
+    pub fn new(hashes: Vec<BlockHash>) -> BlockIndex {
+        let mut by_hash: Vec<u32> = (0..hashes.len() as u32).collect();
+        by_hash.sort_unstable_by_key(|&i| hashes[i as usize]);
+        let mut hashes = hashes;
+        hashes.shrink_to_fit();
+        BlockIndex { hashes, by_hash }
     }
 
+    /// A block with this content.
     pub fn lookup(&self, h: &BlockHash) -> Option<u32> {
-        self.sorted
-            .binary_search_by(|e| e.hash.cmp(h))
+        self.by_hash
+            .binary_search_by(|&i| self.hashes[i as usize].cmp(h))
             .ok()
-            .map(|i| u32::from_le_bytes(self.sorted[i].block))
+            .map(|at| self.by_hash[at])
+    }
+
+    /// The hash of block `block`.
+    pub fn hash_at(&self, block: u64) -> Option<&BlockHash> {
+        usize::try_from(block).ok().and_then(|b| self.hashes.get(b))
     }
 
     pub fn len(&self) -> usize {
-        self.sorted.len()
+        self.hashes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sorted.is_empty()
+        self.hashes.is_empty()
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.sorted.capacity() * std::mem::size_of::<Entry>()
+        self.hashes.capacity() * std::mem::size_of::<BlockHash>()
+            + self.by_hash.capacity() * std::mem::size_of::<u32>()
     }
 }
 
@@ -307,6 +303,130 @@ pub fn decode(
     Ok(st)
 }
 
+/// Whether delta `input` can be applied in place to a file holding the
+/// blocks whose hashes `at` gives by position (`at(i)`: block i's, `None`
+/// past the end): its content is `len` bytes long (the file's length) and
+/// every reference names the block already at its own position. Reads the
+/// delta through, literal blocks included.
+pub fn positional(
+    mut input: impl Read,
+    len: u64,
+    at: impl Fn(u64) -> Option<BlockHash>,
+) -> Result<bool, DeltaError> {
+    let got = read_head(&mut input)?;
+    if got != len {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; BLOCK];
+    let (mut left, mut i) = (len, 0u64);
+    while left > 0 {
+        let n = left.min(BLOCK as u64) as usize;
+        let mut tag = [0u8];
+        input.read_exact(&mut tag)?;
+        match tag[0] {
+            LITERAL => input.read_exact(&mut buf[..n])?,
+            REFERENCE if n == BLOCK => {
+                let mut h = [0u8; 16];
+                input.read_exact(&mut h)?;
+                if at(i) != Some(h) {
+                    return Ok(false);
+                }
+            }
+            tag => return Err(DeltaError::Tag { record: i, tag }),
+        }
+        left -= n as u64;
+        i += 1;
+    }
+    Ok(true)
+}
+
+fn read_head(input: &mut impl Read) -> Result<u64, DeltaError> {
+    let mut head = [0u8; 16];
+    input.read_exact(&mut head)?;
+    if &head[..8] != MAGIC {
+        return Err(DeltaError::Magic);
+    }
+    Ok(u64::from_le_bytes(head[8..].try_into().expect("8 bytes")))
+}
+
+/// Applies delta `input` in place to `file` (for which [`positional`] said
+/// yes): writes its literal blocks at their place, then reads the whole
+/// file back and checks the delta's checksum against what is on disk.
+pub fn patch(
+    mut input: impl Read,
+    file: &std::fs::File,
+    max: u64,
+) -> Result<DeltaStats, DeltaError> {
+    use std::os::unix::fs::FileExt;
+    let len = read_head(&mut input)?;
+    if len > max {
+        return Err(DeltaError::TooLong { len, max });
+    }
+    let mut st = DeltaStats {
+        bytes: len,
+        delta_bytes: 16,
+        ..DeltaStats::default()
+    };
+    let mut buf = vec![0u8; BLOCK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(BLOCK as u64) as usize;
+        let mut tag = [0u8];
+        input.read_exact(&mut tag)?;
+        match tag[0] {
+            LITERAL => {
+                input.read_exact(&mut buf[..n])?;
+                file.write_all_at(&buf[..n], st.blocks * BLOCK as u64)?;
+                st.literal_blocks += 1;
+                st.delta_bytes += 1 + n as u64;
+            }
+            REFERENCE if n == BLOCK => {
+                input.read_exact(&mut [0u8; 16])?;
+                st.delta_bytes += 17;
+            }
+            tag => {
+                return Err(DeltaError::Tag {
+                    record: st.blocks,
+                    tag,
+                })
+            }
+        }
+        left -= n as u64;
+        st.blocks += 1;
+    }
+    file.set_len(len)?;
+    let mut sent = [0u8; 32];
+    input.read_exact(&mut sent)?;
+    st.delta_bytes += 32;
+    if input.read(&mut [0u8])? != 0 {
+        return Err(DeltaError::Trailing);
+    }
+    // What is on disk now, not what should be.
+    let mut sum = Sha256::new();
+    let mut big = vec![0u8; 256 * BLOCK];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(big.len() as u64) as usize;
+        file.read_exact_at(&mut big[..n], at)?;
+        for block in big[..n].chunks(BLOCK) {
+            if block.len() == BLOCK {
+                sum.update(block_hash(block));
+            } else {
+                sum.update(block);
+            }
+        }
+        at += n as u64;
+    }
+    let got = sum.finalize();
+    if got[..] != sent[..] {
+        return Err(DeltaError::Checksum {
+            sent: hex::encode(sent),
+            got: hex::encode(got),
+        });
+    }
+    Ok(st)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,7 +457,7 @@ mod tests {
             let hashes: Vec<BlockHash> = data.chunks_exact(BLOCK).map(block_hash).collect();
             let t = Target {
                 data: data.to_vec(),
-                index: BlockIndex::new(&hashes),
+                index: BlockIndex::new(hashes.clone()),
             };
             (t, Known::new(hashes))
         }
@@ -478,6 +598,43 @@ mod tests {
     }
 
     #[test]
+    fn a_positional_delta_patches_the_old_file_in_place() {
+        let old = noise(16 * BLOCK, 11);
+        let (_, known) = Target::holding(&old);
+        let hashes: Vec<BlockHash> = old.chunks_exact(BLOCK).map(block_hash).collect();
+        let at = |i: u64| hashes.get(i as usize).copied();
+        let mut new = old.clone();
+        new[3 * BLOCK + 1] ^= 0x80;
+        let (delta, _, _) = encode_vec(&new, &known);
+        assert!(positional(&delta[..], new.len() as u64, at).unwrap());
+        let path = std::env::temp_dir().join(format!("ferry-delta-{}", std::process::id()));
+        std::fs::write(&path, &old).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let st = patch(&delta[..], &file, u64::MAX).unwrap();
+        assert_eq!(st.literal_blocks, 1);
+        assert_eq!(std::fs::read(&path).unwrap(), new);
+        // A wrong block on disk fails the checksum.
+        std::fs::write(&path, &old).unwrap();
+        let mut bad = old.clone();
+        bad[9 * BLOCK] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let err = patch(&delta[..], &file, u64::MAX).unwrap_err();
+        assert!(matches!(err, DeltaError::Checksum { .. }), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        // Moved blocks or another length are not positional.
+        let mut shifted = noise(BLOCK, 12);
+        shifted.extend_from_slice(&old[..15 * BLOCK]);
+        let (delta, _, _) = encode_vec(&shifted, &known);
+        assert!(!positional(&delta[..], shifted.len() as u64, at).unwrap());
+        let (delta, _, _) = encode_vec(&old[..8 * BLOCK], &known);
+        assert!(!positional(&delta[..], old.len() as u64, at).unwrap());
+    }
+
+    #[test]
     fn page_images_are_named_pages_n_img() {
         assert!(is_page_image("pages-1.img"));
         assert!(is_page_image("pages-12.img"));
@@ -499,10 +656,11 @@ mod tests {
         let hashes: Vec<BlockHash> = (0..n as u64)
             .map(|i| block_hash(&i.to_le_bytes()))
             .collect();
-        let index = BlockIndex::new(&hashes);
+        let index = BlockIndex::new(hashes.clone());
         let known = Known::new(hashes.clone());
         assert_eq!((index.len(), known.len()), (n, n));
         assert_eq!(index.heap_bytes(), n * 20, "5 MiB on the target");
+        assert_eq!(index.hash_at(7), Some(&hashes[7]));
         assert_eq!(known.heap_bytes(), n * 16, "4 MiB on the source");
         assert_eq!(index.lookup(&hashes[123_456]), Some(123_456));
         assert!(known.contains(&hashes[7]));

@@ -72,7 +72,12 @@ fn memhog_migrates_compressed_and_rate_limited() {
     let name = source.name.clone();
     let checksum = memhog_ready(&source);
     let limit: u64 = 20 << 20;
-    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "20MiB/s"})));
+    // The stop-and-copy path (tests/precopy.rs has the pre-copied one).
+    let job = fleet.send_migrate(
+        &source,
+        2,
+        Some(json!({"rate_limit": "20MiB/s", "precopy": "off"})),
+    );
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "succeeded", "final status: {status}");
     let raw = status["bytes_raw"].as_u64().unwrap();
@@ -287,8 +292,13 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
 /// job is in its transfer phase. Returns (job id, ready checksum).
 fn slow_migration_in_transfer(fleet: &Fleet, source: &Container) -> (String, String) {
     let checksum = memhog_ready(source);
-    // 128 MiB on the wire at 2 MiB/s: about a minute of transfer.
-    let job = fleet.send_migrate(source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    // 128 MiB on the wire at 2 MiB/s: about a minute of transfer (without
+    // pre-copy, which would send it while memhog runs).
+    let job = fleet.send_migrate(
+        source,
+        2,
+        Some(json!({"rate_limit": "2MiB/s", "precopy": "off"})),
+    );
     let topic = fleet.topic(&format!("node1/jobs/{job}/status"));
     wait_for("the job's transfer phase", JOB_TIMEOUT, || {
         match fleet.retained(&topic) {

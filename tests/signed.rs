@@ -19,7 +19,7 @@ use ferry_agent::migration::protocol::{self, Prepare, ToSource, ToTarget};
 use ferry_agent::mqtt::contract::Envelope;
 use ferry_agent::order::{unix_now, ManagerKey};
 use ferry_agent::runtime::ContainerSpec;
-use ferry_tests::broker::{Broker, ROOT};
+use ferry_tests::broker::ROOT;
 use ferry_tests::fleet::{ferry_bin, AgentOptions, SecureFleet};
 use ferry_tests::{hostile, run_with_timeout, unique_name, Bed, CmdOutput, COUNTER_IMAGE};
 use serde_json::{json, Map, Value};

@@ -751,6 +751,7 @@ fn migrate_job(
         zstd_level: options.zstd_level,
         tcp: options.tcp,
         bind_mounts: options.bind_mounts,
+        precopy: options.precopy,
         excluded: Default::default(),
         parent: None,
         order: None,
@@ -1128,6 +1129,7 @@ mod tests {
             excluded: Default::default(),
             parent: None,
             order: None,
+            precopy: Default::default(),
         }
     }
 

@@ -188,6 +188,10 @@ pub struct MigrateArgs {
     /// the source (default `refuse`: a container with bind mounts stays).
     #[arg(long, value_parser = ["refuse", "present"])]
     pub bind_mounts: Option<String>,
+    /// `auto` (default): pre-copy memory while the container runs; `off`:
+    /// stop and copy.
+    #[arg(long, value_parser = ["auto", "off"])]
+    pub precopy: Option<String>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
@@ -318,6 +322,7 @@ fn job_options(
     tcp: Option<crate::runtime::TcpMode>,
     rate_limit: Option<&String>,
     bind_mounts: Option<&String>,
+    precopy: Option<&String>,
 ) -> serde_json::Value {
     let mut options = serde_json::json!({ "zstd_level": zstd_level });
     if let Some(tcp) = tcp {
@@ -328,6 +333,9 @@ fn job_options(
     }
     if let Some(b) = bind_mounts {
         options["bind_mounts"] = serde_json::Value::String(b.clone());
+    }
+    if let Some(p) = precopy {
+        options["precopy"] = serde_json::Value::String(p.clone());
     }
     options
 }
@@ -369,6 +377,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
         args.tcp,
         args.rate_limit.as_ref(),
         args.bind_mounts.as_ref(),
+        args.precopy.as_ref(),
     );
     let job = serde_json::json!({
         "action": "migrate",
@@ -478,6 +487,9 @@ pub struct EvacuateArgs {
     /// Established TCP connections: close, established or refuse.
     #[arg(long, value_parser = parse_tcp)]
     pub tcp: Option<crate::runtime::TcpMode>,
+    /// `auto` (default): pre-copy each container's memory while it runs; `off`: stop and copy.
+    #[arg(long, value_parser = ["auto", "off"])]
+    pub precopy: Option<String>,
     /// Job id of the evacuation (default: generated); its containers' jobs are ID.1, ID.2, ...
     #[arg(long)]
     pub job_id: Option<String>,
@@ -518,7 +530,7 @@ pub async fn evacuate(args: EvacuateArgs) -> Result<EvacuationStatus, CliError> 
         "action": "evacuate",
         "selector": selector,
         "targets": targets,
-        "options": job_options(args.zstd_level, args.tcp, args.rate_limit.as_ref(), None),
+        "options": job_options(args.zstd_level, args.tcp, args.rate_limit.as_ref(), None, args.precopy.as_ref()),
     });
     let payload = signer.payload(&job, &args.node, &job_id)?;
     if !signer.is_signing() {

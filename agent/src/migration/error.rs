@@ -83,6 +83,21 @@ pub enum MigrationError {
     CheckpointDir(RuntimeError),
     #[error("transfer to {target}: {source}")]
     Transfer { target: String, source: StreamError },
+    #[error("pre-copy round {round}: dump of the running container: {source}")]
+    PreCopyDump {
+        round: usize,
+        source: Box<RuntimeError>,
+    },
+    #[error("pre-copy round {round} to {target}: {source}")]
+    PreCopySend {
+        round: usize,
+        target: String,
+        source: StreamError,
+    },
+    #[error("pre-copy: {0}")]
+    PreCopy(#[from] super::precopy::PreCopyError),
+    #[error("pre-copy: {0}")]
+    PreCopyTask(tokio::task::JoinError),
     #[error("restore: target did not answer in time")]
     RestoreTimeout,
     #[error("restore: {0}")]
@@ -162,6 +177,8 @@ pub enum MigrationError {
     ApplyState(Box<StateError>),
     #[error("receive: {0}")]
     Receive(StreamError),
+    #[error("receive: the stream named {got}, expected {expected}")]
+    UnexpectedStream { got: String, expected: String },
     #[error("restore: {0}")]
     Restore(RuntimeError),
     #[error("restore: cannot place images in {}: {source}", dir.display())]

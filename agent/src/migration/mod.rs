@@ -6,6 +6,8 @@
 //! - [`placement`]: which node a job for `"auto"` or a list goes to.
 //! - [`gate`]: the point of no return, settled against a cancel in one place.
 //! - [`registry`]: the jobs running on this node and the peers' statuses.
+//! - [`precopy`]: rounds of page deltas while the container runs, and
+//!   when to stop them.
 //! - [`protocol`]: the control conversation between the two agents.
 //! - [`source`], [`target`]: the drivers that perform the machines' steps.
 //! - [`node`]: what the drivers need of the node they run on, including the
@@ -17,6 +19,7 @@ pub mod gate;
 pub mod machine;
 pub mod node;
 pub mod placement;
+pub mod precopy;
 pub mod protocol;
 pub mod registry;
 pub mod source;

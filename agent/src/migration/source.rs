@@ -3,8 +3,9 @@
 //! the job's status. Cancels reach it through the job's [`CommitGate`].
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::models::RestartPolicy;
 use tokio::sync::watch;
@@ -13,14 +14,17 @@ use tracing::{info, warn};
 use super::check::{self, CheckError};
 use super::gate::CommitGate;
 use super::machine::{Outcome, SourceMachine, Step};
+use super::precopy::{self, Next};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
-use crate::mqtt::contract::{JobStatus, Role};
+use crate::mqtt::contract::{JobStatus, PreCopyMode, PreCopyReport, PreCopyRound, Role};
 use crate::runtime::mounts::BindMounts;
 use crate::runtime::state::{self, StatePlan};
 use crate::runtime::{
-    networks, sockets, volumes, CheckpointOptions, Container, Engine, TcpDump, TcpMode,
+    networks, sockets, volumes, CheckpointOptions, Container, Engine, RuntimeError, TcpDump,
+    TcpMode,
 };
+use crate::stream::delta::Known;
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
 /// A migrate job as accepted from MQTT.
@@ -41,6 +45,7 @@ pub struct MigrateJob {
     pub parent: Option<String>,
     /// The manager's signed order, passed on to the target in `Prepare`.
     pub order: Option<crate::mqtt::contract::Envelope>,
+    pub precopy: PreCopyMode,
 }
 
 /// The file an exported image travels as, in its own folder.
@@ -113,6 +118,7 @@ pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard
         image_wanted: None,
         prepared: false,
         paused_policy: None,
+        known: None,
     };
     loop {
         node.publish_job(machine.status()).await;
@@ -147,6 +153,9 @@ struct Driver<'a, E> {
     prepared: bool,
     /// The policy `PausePolicy` replaced with `no`.
     paused_policy: Option<RestartPolicy>,
+    /// The block hashes the target holds after pre-copy: the final dump
+    /// goes as deltas against them.
+    known: Option<Known>,
 }
 
 impl<E: Engine> Driver<'_, E> {
@@ -170,6 +179,9 @@ impl<E: Engine> Driver<'_, E> {
                 _ = gate.canceled() => return Outcome::Canceled,
                 r = self.send_image(machine) => r,
             },
+            // A cancel stops it between dumps and during a send, never in
+            // the middle of a dump (CRIU has the container frozen then).
+            Step::PreCopy => self.precopy(machine).await,
             // Not interruptible: a cancel is honoured once it returns.
             Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
@@ -209,6 +221,7 @@ impl<E: Engine> Driver<'_, E> {
             Step::Precheck
                 | Step::PrepareTarget
                 | Step::SendImage
+                | Step::PreCopy
                 | Step::PausePolicy
                 | Step::Checkpoint
                 | Step::PackState
@@ -441,6 +454,124 @@ impl<E: Engine> Driver<'_, E> {
         Ok(report.bytes_wire)
     }
 
+    /// Pre-copy rounds while the container runs, unless the job or the
+    /// container's connections rule them out; the status says which.
+    async fn precopy(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let mut report = PreCopyReport::default();
+        if job.precopy == PreCopyMode::Off {
+            report.note = Some("pre-copy off (job option precopy = \"off\")".into());
+            machine.precopied(report, now_ms());
+            return Ok(());
+        }
+        let id = self.container()?.id.clone();
+        let tcp = tcp_plan(node, job, &id).await?;
+        if let Some(why) = precopy::skip_reason(tcp) {
+            info!(job = %job.job_id, %why, "no pre-copy");
+            report.note = Some(why);
+            machine.precopied(report, now_ms());
+            return Ok(());
+        }
+        let base = node.work_dir.join("precopy").join(&job.job_id);
+        let result = self.precopy_rounds(&id, &base, &mut report, machine).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&base).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(job = %job.job_id, error = %e, "cannot remove the pre-copy folder");
+            }
+        }
+        machine.precopied(report, now_ms());
+        result
+    }
+
+    async fn precopy_rounds(
+        &mut self,
+        id: &str,
+        base: &Path,
+        report: &mut PreCopyReport,
+        machine: &mut SourceMachine,
+    ) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let name = checkpoint_name(&job.job_id);
+        let options = CheckpointOptions {
+            tcp: TcpDump::Plain,
+        };
+        let mut known = Known::default();
+        let mut new_bytes = Vec::new();
+        let gate = self.gate;
+        for round in 1.. {
+            if gate.is_canceled() {
+                return Ok(());
+            }
+            let start = Instant::now();
+            let dump = base.join("dump");
+            match node
+                .engine
+                .dump_running(id, &format!("{name}-pre{round}"), &dump, options)
+                .await
+            {
+                Ok(()) => {}
+                Err(RuntimeError::Unsupported(why)) if round == 1 => {
+                    let why = format!("pre-copy skipped: {why}");
+                    info!(job = %job.job_id, %why, "no pre-copy");
+                    report.note = Some(why);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(MigrationError::PreCopyDump {
+                        round,
+                        source: Box::new(e),
+                    })
+                }
+            }
+            let send = base.join("send");
+            let (dump2, send2) = (dump.clone(), send.clone());
+            let (st, hashes) =
+                tokio::task::spawn_blocking(move || precopy::encode_round(&dump2, &send2, &known))
+                    .await
+                    .map_err(MigrationError::PreCopyTask)??;
+            let _ = tokio::fs::remove_dir_all(&dump).await;
+            let header = self.header(format!("{name}@pre{round}"));
+            let opts = self.send_options();
+            let conn = self.conn()?;
+            let sent = tokio::select! {
+                biased;
+                _ = gate.canceled() => return Ok(()),
+                r = wire::send_checkpoint(conn, &header, &send, &opts, |_| {}) => r,
+            }
+            .map_err(|source| MigrationError::PreCopySend {
+                round,
+                target: job.target.clone(),
+                source,
+            })?;
+            let _ = tokio::fs::remove_dir_all(&send).await;
+            known = Known::new(hashes);
+            let r = PreCopyRound {
+                bytes_pages: st.bytes,
+                bytes_new: st.literal_bytes(),
+                bytes_wire: sent.bytes_wire,
+                ms: start.elapsed().as_millis() as u64,
+            };
+            info!(job = %job.job_id, round, ?r, known_blocks = known.len(), index_bytes = known.heap_bytes(), "pre-copy round sent");
+            report.rounds.push(r);
+            machine.precopied(report.clone(), now_ms());
+            node.publish_job(machine.status()).await;
+            new_bytes.push(r.bytes_new);
+            match precopy::next_after(&new_bytes, st.bytes) {
+                Next::Round => {}
+                Next::FinalDelta => {
+                    self.known = Some(known);
+                    return Ok(());
+                }
+                Next::FinalWhole { note } => {
+                    info!(job = %job.job_id, %note, "pre-copy gave up");
+                    report.note = Some(note);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn pause_policy(&mut self) -> Result<(), MigrationError> {
         if !self.prepared {
             return Err(MigrationError::Missing(
@@ -534,13 +665,73 @@ impl<E: Engine> Driver<'_, E> {
             .map_err(MigrationError::CheckpointDir)?;
         let header = self.header(checkpoint_name(&job.job_id));
         let options = self.send_options();
+        // After pre-copy the page images go as deltas, from a mirror of
+        // the folder next to it (hard links); the folder stays whole for a
+        // rollback.
+        let mut delta_dir: Option<PathBuf> = None;
+        let dir = match self.known.take() {
+            None => dir,
+            Some(known) => {
+                let start = Instant::now();
+                let out = dir.with_file_name(format!("{}-delta", checkpoint_name(&job.job_id)));
+                let (from, to) = (dir.clone(), out.clone());
+                let encoded =
+                    tokio::task::spawn_blocking(move || precopy::encode_final(&from, &to, &known))
+                        .await
+                        .map_err(MigrationError::PreCopyTask)?;
+                delta_dir = Some(out.clone());
+                let st = match encoded {
+                    Ok(st) => st,
+                    Err(e) => {
+                        let _ = tokio::fs::remove_dir_all(&out).await;
+                        return Err(e.into());
+                    }
+                };
+                let mut report = machine.status().precopy.clone().unwrap_or_default();
+                report.final_round = Some(PreCopyRound {
+                    bytes_pages: st.bytes,
+                    bytes_new: st.literal_bytes(),
+                    bytes_wire: 0,
+                    ms: start.elapsed().as_millis() as u64,
+                });
+                machine.precopied(report, now_ms());
+                info!(job = %job.job_id, pages = st.bytes, new = st.literal_bytes(), delta = st.delta_bytes, encode_ms = start.elapsed().as_millis() as u64, "final dump encoded against pre-copy");
+                out
+            }
+        };
+        let result = self.send_final(machine, &header, &dir, &options).await;
+        if let Some(out) = delta_dir {
+            if let Err(e) = tokio::fs::remove_dir_all(&out).await {
+                warn!(job = %job.job_id, error = %e, "cannot remove the delta folder");
+            }
+        }
+        let wire = result?;
+        if let Some(mut report) = machine.status().precopy.clone() {
+            if let Some(f) = report.final_round.as_mut() {
+                f.bytes_wire = wire;
+                machine.precopied(report, now_ms());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the checkpoint folder `dir`, publishing progress; returns the
+    /// bytes on the wire.
+    async fn send_final(
+        &mut self,
+        machine: &mut SourceMachine,
+        header: &TransferHeader,
+        dir: &Path,
+        options: &SendOptions,
+    ) -> Result<u64, MigrationError> {
+        let (node, job) = (self.node, self.job);
         let (tx, mut rx) = watch::channel(Progress {
             bytes_raw: 0,
             bytes_wire: 0,
             rate_bps: 0,
         });
         let conn = self.conn()?;
-        let send = wire::send_checkpoint(conn, &header, &dir, &options, move |p| {
+        let send = wire::send_checkpoint(conn, header, dir, options, move |p| {
             let _ = tx.send(p);
         });
         tokio::pin!(send);
@@ -574,7 +765,7 @@ impl<E: Engine> Driver<'_, E> {
             rate_bps = report.rate_bps,
             "checkpoint sent"
         );
-        Ok(())
+        Ok(report.bytes_wire)
     }
 
     async fn await_restore(&mut self) -> Result<(), MigrationError> {

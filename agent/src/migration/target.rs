@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::check::{self, Facts};
 use super::machine::{Outcome, TargetMachine, TargetStep};
+use super::precopy::{self, Staged};
 use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
 use super::{now_ms, MigrationError, Node};
 use crate::mqtt::contract::{JobStatus, Role};
@@ -19,7 +20,7 @@ use crate::runtime::networks::{self, Placement};
 use crate::runtime::state::{StatePlan, STATE_DIR};
 use crate::runtime::Engine;
 use crate::stream::archive::UnpackLimits;
-use crate::stream::wire;
+use crate::stream::{wire, StreamError};
 
 /// Handles one data connection. `peer` is the node id proven by the peer's
 /// certificate (`None` only on an insecure plain-TCP port).
@@ -96,6 +97,7 @@ where
         container_id: None,
         image_wanted: None,
         volumes: Vec::new(),
+        staged: None,
     };
     loop {
         let step = machine.step();
@@ -129,6 +131,9 @@ struct Driver<'a, E, S> {
     image_wanted: Option<HashSet<String>>,
     /// Volumes created for the job.
     volumes: Vec<String>,
+    /// The images pre-copy staged, and the cap on the assembled content,
+    /// until `ApplyState` assembles the final images.
+    staged: Option<(Staged, u64)>,
 }
 
 impl<'a, E, S> Driver<'a, E, S>
@@ -314,18 +319,118 @@ where
             p.estimate_bytes,
             crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX),
         );
-        let report = wire::receive_checkpoint(&mut *self.conn, &self.staging, &limits, |h| {
-            check::stream_matches(h, &p.job_id, &p.source_node).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(MigrationError::Receive)?;
-        machine.received(report.bytes_raw, report.bytes_wire);
+        // Pre-copy rounds (`<checkpoint>@pre<n>`) come first, if any; their
+        // images stay in staging of their own, two folders taken in turn.
+        let mut staged = Staged::default();
+        let mut round = 0usize;
+        let (mut raw, mut wire_bytes) = (0u64, 0u64);
+        let pre = |n: usize, what: &str| {
+            node.work_dir
+                .join("staging")
+                .join(format!("{}@pre{}{what}", p.job_id, n % 2))
+        };
+        loop {
+            let incoming = wire::read_header(&mut *self.conn)
+                .await
+                .map_err(MigrationError::Receive)?;
+            let h = incoming.header().clone();
+            let pre_name = format!("{}@pre{}", p.checkpoint, round + 1);
+            let refusal = match check::stream_matches(&h, &p.job_id, &p.source_node) {
+                Err(e) => Some(MigrationError::Receive(StreamError::Refused {
+                    job_id: h.job_id.clone(),
+                    reason: e.to_string(),
+                })),
+                Ok(()) if h.checkpoint != pre_name && h.checkpoint != p.checkpoint => {
+                    Some(MigrationError::UnexpectedStream {
+                        got: h.checkpoint.clone(),
+                        expected: p.checkpoint.clone(),
+                    })
+                }
+                Ok(()) => None,
+            };
+            if let Some(e) = refusal {
+                let _ = incoming.refuse(&e.to_string()).await;
+                return Err(e);
+            }
+            if h.checkpoint == p.checkpoint {
+                let report = incoming
+                    .accept(&self.staging, &limits)
+                    .await
+                    .map_err(MigrationError::Receive)?;
+                raw += report.bytes_raw;
+                wire_bytes += report.bytes_wire;
+                if round > 0 {
+                    self.staged = Some((staged, limits.max_total_bytes));
+                }
+                machine.received(raw, wire_bytes);
+                return Ok(());
+            }
+            round += 1;
+            let recv = pre(round, "-recv");
+            let into = pre(round, "");
+            for dir in [&recv, &into] {
+                remove_dir(dir).await;
+            }
+            let report = incoming
+                .accept(&recv, &limits)
+                .await
+                .map_err(MigrationError::Receive)?;
+            raw += report.bytes_raw;
+            wire_bytes += report.bytes_wire;
+            tokio::fs::create_dir_all(&into).await.map_err(|source| {
+                MigrationError::PlaceImages {
+                    dir: into.clone(),
+                    source,
+                }
+            })?;
+            let max = limits.max_total_bytes;
+            let (from, to) = (recv.clone(), into.clone());
+            let (st, written) =
+                tokio::task::spawn_blocking(move || precopy::assemble(&from, &to, &staged, max))
+                    .await
+                    .map_err(MigrationError::PreCopyTask)??;
+            remove_dir(&recv).await;
+            // The previous round's images are no longer referred to.
+            remove_dir(&pre(round + 1, "")).await;
+            staged = precopy::staged_from(written);
+            info!(job = %p.job_id, round, pages = st.bytes, new = st.literal_bytes(), blocks = staged.blocks(), index_bytes = staged.index_bytes(), "pre-copy round staged");
+        }
+    }
+
+    /// After pre-copy: the final images from their deltas and the staged
+    /// rounds. Here rather than in `Receive` so that a failure (a checksum
+    /// mismatch) reaches the source as the reason of its rollback.
+    async fn assemble(&mut self) -> Result<(), MigrationError> {
+        let Some((staged, max)) = self.staged.take() else {
+            return Ok(());
+        };
+        let dir = self.staging.clone();
+        let assembled =
+            tokio::task::spawn_blocking(move || precopy::assemble_final(&dir, &staged, max))
+                .await
+                .map_err(MigrationError::PreCopyTask);
+        self.clear_precopy().await;
+        let (st, in_place) = assembled??;
+        info!(job = %self.prepare.job_id, pages = st.bytes, new = st.literal_bytes(), in_place, "final images assembled");
         Ok(())
     }
 
-    /// Writes the files into the created container's layer and fills its
-    /// volumes, before anything starts; the state folder leaves staging.
+    /// The pre-copy folders of this job.
+    async fn clear_precopy(&self) {
+        let staging = self.node.work_dir.join("staging");
+        for n in 0..2 {
+            for what in ["", "-recv"] {
+                let dir = staging.join(format!("{}@pre{n}{what}", self.prepare.job_id));
+                remove_dir(&dir).await;
+            }
+        }
+    }
+
+    /// Assembles the pre-copied images, then writes the files into the
+    /// created container's layer and fills its volumes, before anything
+    /// starts; the state folder leaves staging.
     async fn apply_state(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+        self.assemble().await?;
         let Some(plan) = self.plan() else {
             return Ok(());
         };
@@ -435,10 +540,20 @@ where
     }
 
     async fn clear_staging(&self) {
+        self.clear_precopy().await;
         if let Err(e) = tokio::fs::remove_dir_all(&self.staging).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(job = %self.prepare.job_id, error = %e, "cannot remove staging folder");
             }
+        }
+    }
+}
+
+/// Best effort; a folder that is not there is fine.
+async fn remove_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %e, "cannot remove");
         }
     }
 }

@@ -250,6 +250,7 @@ impl Pair {
             excluded: Default::default(),
             parent: None,
             order: None,
+            precopy: Default::default(),
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -480,7 +481,57 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
     let mut seen = phases.clone();
     seen.dedup();
     use crate::mqtt::contract::Phase::*;
-    assert_eq!(seen, [Precheck, Checkpoint, Transfer, Restore, Cleanup]);
+    assert_eq!(
+        seen,
+        [Precheck, Precopy, Checkpoint, Transfer, Restore, Cleanup]
+    );
+    // The fake engine cannot leave a container running: no rounds, and
+    // the status says why.
+    let precopy = status.precopy.clone().expect("the source reports pre-copy");
+    assert!(precopy.rounds.is_empty() && precopy.final_round.is_none());
+    assert!(
+        precopy
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot dump a running container"),
+        "{precopy:?}"
+    );
+}
+
+/// Pre-copy through both drivers: two rounds while the container runs (the
+/// second carries only the block that changed), a final dump sent as
+/// references but for that block, and the target restores the final dump's
+/// images byte for byte, leaving no pre-copy folder on either side.
+#[tokio::test]
+async fn pre_copy_rounds_then_a_final_delta_restore_the_final_images() {
+    let p = Pair::new(Peer::Target);
+    p.a.engine.allow_dump_running();
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    let pre = status.precopy.clone().expect("the source reports pre-copy");
+    assert_eq!(pre.rounds.len(), 2, "{pre:?}");
+    let pages = crate::runtime::fake::fake_pages(0).len() as u64;
+    assert_eq!(
+        (pre.rounds[0].bytes_pages, pre.rounds[0].bytes_new),
+        (pages, pages)
+    );
+    assert_eq!(pre.rounds[1].bytes_new, 4096, "{pre:?}");
+    let last = pre.final_round.expect("the final dump went as deltas");
+    assert_eq!((last.bytes_pages, last.bytes_new), (pages, 4096));
+    assert_eq!(status.bytes_wire, last.bytes_wire);
+    // Two dumps left it running, the third stopped it; the target restored
+    // the third's images.
+    assert_eq!(p.a.engine.dumps(), 3);
+    assert_eq!(
+        p.b.engine.restored_pages(),
+        Some(crate::runtime::fake::fake_pages(2))
+    );
+    assert!(!p.a.work_dir.join("precopy").join("j1").exists());
+    let staging: Vec<_> = std::fs::read_dir(p.b.work_dir.join("staging"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "{staging:?}");
 }
 
 /// Every failure injected at every step before the target confirms: the
@@ -491,7 +542,7 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
 async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() {
     use JobState::{Failed, RolledBack};
     type Setup = fn(&Pair);
-    let cases: [(&str, Peer, Setup, JobState, &str); 20] = [
+    let cases: [(&str, Peer, Setup, JobState, &str); 21] = [
         (
             "source inspect",
             Peer::Target,
@@ -553,6 +604,16 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             |p| p.b.engine.fail("create_volumes"),
             Failed,
             "target b refused: cannot create the volumes of web on b",
+        ),
+        (
+            "pre-copy dump",
+            Peer::Target,
+            |p| {
+                p.a.engine.allow_dump_running();
+                p.a.engine.fail("dump_running");
+            },
+            Failed,
+            "pre-copy round 1: dump of the running container: engine call dump_running",
         ),
         (
             "policy pause",

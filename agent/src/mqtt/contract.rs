@@ -71,6 +71,8 @@ pub enum ContractError {
     Targets { field: &'static str, reason: String },
     #[error("invalid selector.label {0}: expected KEY=VALUE")]
     Label(String),
+    #[error("precopy {0} is neither \"auto\" nor \"off\"")]
+    PreCopy(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
     #[error("signed job names {field} {named}, but it was published as {published}")]
@@ -387,6 +389,50 @@ pub struct MigrateOptions {
     /// mounts exist on the target as they are on the source.
     #[serde(skip_serializing_if = "is_refuse")]
     pub bind_mounts: BindMounts,
+    /// `"auto"` (the default): send the memory while the container runs,
+    /// then only the blocks that changed; `"off"`: stop and copy.
+    #[serde(skip_serializing_if = "PreCopyMode::is_auto")]
+    pub precopy: PreCopyMode,
+}
+
+/// The job option `precopy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreCopyMode {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl PreCopyMode {
+    fn is_auto(&self) -> bool {
+        *self == PreCopyMode::Auto
+    }
+}
+
+/// What pre-copy did, in the source's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopyReport {
+    /// One entry per round sent while the container ran.
+    #[serde(default)]
+    pub rounds: Vec<PreCopyRound>,
+    /// The final (stopping) dump: blocks sent whole, and the rest as
+    /// references; `None` when it went as a plain copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_round: Option<PreCopyRound>,
+    /// Why pre-copy did not run, or why the final dump went whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One round: page bytes dumped, bytes of blocks the target lacked (sent
+/// whole), bytes on the wire, and how long the round took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopyRound {
+    pub bytes_pages: u64,
+    pub bytes_new: u64,
+    pub bytes_wire: u64,
+    pub ms: u64,
 }
 
 fn is_refuse(b: &BindMounts) -> bool {
@@ -400,6 +446,7 @@ impl Default for MigrateOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             tcp: TcpMode::default(),
             bind_mounts: BindMounts::Refuse,
+            precopy: PreCopyMode::Auto,
         }
     }
 }
@@ -593,7 +640,7 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
     deny_unknown(
         obj,
         "options.",
-        &["rate_limit", "zstd_level", "tcp", "bind_mounts"],
+        &["rate_limit", "zstd_level", "tcp", "bind_mounts", "precopy"],
     )?;
 
     let rate_limit = match obj.get("rate_limit") {
@@ -660,11 +707,29 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
         }
     };
 
+    let precopy = match obj.get("precopy") {
+        None | Some(Value::Null) => PreCopyMode::Auto,
+        Some(Value::String(s)) if s == "auto" => PreCopyMode::Auto,
+        Some(Value::String(s)) if s == "off" => PreCopyMode::Off,
+        Some(Value::String(s)) => {
+            return Err(ContractError::PreCopy(quoted(
+                &s.chars().take(MAX_RATE_TEXT).collect::<String>(),
+            )))
+        }
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "options.precopy",
+                expected: "the string \"auto\" or \"off\"",
+            })
+        }
+    };
+
     Ok(MigrateOptions {
         rate_limit,
         zstd_level,
         tcp,
         bind_mounts,
+        precopy,
     })
 }
 
@@ -978,6 +1043,8 @@ impl JobState {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Precheck,
+    /// Pre-copy rounds while the container runs (issue 10).
+    Precopy,
     Checkpoint,
     Transfer,
     Restore,
@@ -1038,6 +1105,9 @@ pub struct JobStatus {
     /// A child of an evacuation: the evacuation's job id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Source only: the pre-copy rounds, or why there were none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy: Option<PreCopyReport>,
     pub updated_ms: u64,
 }
 
@@ -1075,6 +1145,7 @@ impl JobStatus {
             new_addresses: BTreeMap::new(),
             excluded: BTreeMap::new(),
             parent: None,
+            precopy: None,
             updated_ms,
         }
     }
@@ -1187,6 +1258,7 @@ mod tests {
                     zstd_level: 5,
                     tcp: TcpMode::Refuse,
                     bind_mounts: BindMounts::Present,
+                    precopy: PreCopyMode::Auto,
                 }
             }
         );
@@ -1246,6 +1318,35 @@ mod tests {
     }
 
     #[test]
+    fn precopy_is_auto_or_off() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"action":"migrate","container":"c","target":"b","options":{{"precopy":{v}}}}}"#
+            )
+        };
+        for (v, want) in [
+            ("\"auto\"", PreCopyMode::Auto),
+            ("\"off\"", PreCopyMode::Off),
+            ("null", PreCopyMode::Auto),
+        ] {
+            let Ok(JobRequest::Migrate { options, .. }) = job(&with(v)) else {
+                panic!("{v} refused")
+            };
+            assert_eq!(options.precopy, want, "{v}");
+        }
+        assert_eq!(
+            reason(&with("\"on\"")),
+            r#"precopy "on" is neither "auto" nor "off""#
+        );
+        assert_eq!(
+            reason(&with("1")),
+            r#"invalid field "options.precopy": expected the string "auto" or "off""#
+        );
+        let default = serde_json::to_value(MigrateOptions::default()).unwrap();
+        assert_eq!(default.get("precopy"), None);
+    }
+
+    #[test]
     fn cancel() {
         assert_eq!(
             job(r#"{"action":"cancel","job":"job-0"}"#).unwrap(),
@@ -1275,6 +1376,7 @@ mod tests {
                     zstd_level: 7,
                     tcp: TcpMode::Established,
                     bind_mounts: BindMounts::Refuse,
+                    precopy: PreCopyMode::Off,
                 },
             },
             JobRequest::Migrate {
@@ -1285,6 +1387,7 @@ mod tests {
                     zstd_level: 1,
                     tcp: TcpMode::Refuse,
                     bind_mounts: BindMounts::Present,
+                    precopy: PreCopyMode::Auto,
                 },
             },
             JobRequest::Migrate {

@@ -172,6 +172,19 @@ impl<E: Engine> Engine for Deadlines<E> {
         within("checkpoint", id, after, f).await
     }
 
+    async fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &std::path::Path,
+        options: CheckpointOptions,
+    ) -> Result<(), RuntimeError> {
+        let memory = self.memory_usage(id).await.unwrap_or(0);
+        let after = self.limits.for_state(memory);
+        let f = self.inner.dump_running(id, name, images, options);
+        within("dump_running", id, after, f).await
+    }
+
     async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {
         within("tcp_state", id, self.limits.call, self.inner.tcp_state(id)).await
     }

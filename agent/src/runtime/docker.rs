@@ -437,6 +437,27 @@ impl Engine for Docker {
         })
     }
 
+    async fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &Path,
+        options: CheckpointOptions,
+    ) -> Result<(), RuntimeError> {
+        let Some(settings) = &self.runc else {
+            return Err(RuntimeError::Unsupported(
+                "the agent checkpoints through the engine (checkpoint_with = \"engine\"), which cannot leave a container running".into(),
+            ));
+        };
+        let mut runc = settings.clone();
+        runc.systemd_cgroup = self.systemd_cgroup;
+        runc.usable(id)
+            .await
+            .map_err(|why| RuntimeError::Unsupported(why.to_string()))?;
+        runc.dump_running(id, name, images, options.tcp).await?;
+        Ok(())
+    }
+
     async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {
         let c = self
             .api

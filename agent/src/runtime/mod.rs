@@ -18,7 +18,7 @@ pub mod state;
 pub mod volumes;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use deadline::{Deadlines, EngineDeadlines};
 pub use docker::Docker;
@@ -115,6 +115,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The engine operations a migration needs, the moves of a container's
@@ -166,6 +168,21 @@ pub trait Engine: state::StateEngine + Send + Sync {
         checkpoint: &str,
         options: CheckpointOptions,
     ) -> impl Future<Output = Result<Checkpointed, RuntimeError>> + Send;
+    /// Dumps running container `id` into `images` (outside the engine's
+    /// checkpoint folders) and leaves it running: a pre-copy round. Engines
+    /// that cannot say [`RuntimeError::Unsupported`].
+    fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &Path,
+        options: CheckpointOptions,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (id, name, images, options);
+        std::future::ready(Err(RuntimeError::Unsupported(
+            "this engine cannot dump a running container".into(),
+        )))
+    }
     /// The container's established TCP connections, and the TCP options
     /// restores on this node are given.
     fn tcp_state(&self, id: &str) -> impl Future<Output = Result<TcpState, RuntimeError>> + Send;

@@ -3,6 +3,8 @@
 //!
 //! - [`archive`]: tar of a checkpoint folder, and extraction that never
 //!   writes outside its destination.
+//! - [`delta`]: page images as blocks the target lacks and references to
+//!   blocks it has, by content hash (pre-copy).
 //! - `pipe`: bounded byte pipes between the blocking tar/zstd threads and
 //!   the async connection.
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
@@ -15,6 +17,7 @@
 
 pub mod admission;
 pub mod archive;
+pub mod delta;
 mod pipe;
 pub mod ratelimit;
 pub(crate) mod tarcore;

@@ -279,6 +279,7 @@ impl Agent {
         info!(running = self.node.jobs.len(), "draining");
         self.service.stopping("draining");
         self.node.jobs.cancel_queued();
+        self.node.jobs.cancel_incoming();
         self.accept_stop.cancel();
         self.tasks.close();
         let soft = tokio::time::sleep(deadline);

@@ -164,8 +164,8 @@ impl<E: Engine> Driver<'_, E> {
             // Not interruptible: a cancel is honoured once it returns.
             Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
-            Step::Checkpoint => self.checkpoint(machine).await,
-            Step::PackState => self.pack_state(machine).await,
+            // The target hears `Progress` meanwhile, and may say it fails.
+            Step::Checkpoint | Step::PackState => self.idle_step(step, machine).await,
             Step::Transfer => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,
@@ -514,6 +514,51 @@ impl<E: Engine> Driver<'_, E> {
         Ok(())
     }
 
+    /// Runs a step that leaves the connection idle (checkpoint, pack) with
+    /// keepalives to the target; see [`keeping_alive`].
+    async fn idle_step(
+        &mut self,
+        step: Step,
+        machine: &mut SourceMachine,
+    ) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let dir = match &self.container {
+            Some(c) => node
+                .engine
+                .checkpoint_dir(&c.id, &checkpoint_name(&job.job_id))
+                .await
+                .ok(),
+            None => None,
+        };
+        let mut conn = self.conn.take();
+        let (phase, result) = match step {
+            Step::Checkpoint => {
+                let work = self.checkpoint(machine);
+                (
+                    "checkpoint",
+                    keeping_alive(conn.as_mut(), "checkpoint", dir, work).await,
+                )
+            }
+            _ => {
+                let work = self.pack_state(machine);
+                (
+                    "pack",
+                    keeping_alive(conn.as_mut(), "pack", dir, work).await,
+                )
+            }
+        };
+        self.conn = conn;
+        let heard = result?;
+        match heard {
+            Some(reason) => Err(MigrationError::TargetFailedEarly {
+                target: job.target.clone(),
+                phase,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn transfer(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
         let (node, job) = (self.node, self.job);
         let dir = node
@@ -523,6 +568,17 @@ impl<E: Engine> Driver<'_, E> {
             .map_err(MigrationError::CheckpointDir)?;
         let header = self.header(checkpoint_name(&job.job_id));
         let options = self.send_options();
+        protocol::send(self.conn()?, &ToTarget::Sending)
+            .await
+            .map_err(|e| MigrationError::Transfer {
+                target: job.target.clone(),
+                source: match e {
+                    protocol::ProtocolError::Stream(s) => s,
+                    protocol::ProtocolError::Closed => {
+                        crate::stream::StreamError::Truncated("the target closed".into())
+                    }
+                },
+            })?;
         let (tx, mut rx) = watch::channel(Progress {
             bytes_raw: 0,
             bytes_wire: 0,
@@ -652,5 +708,49 @@ impl<E: Engine> Driver<'_, E> {
             warn!(job = %self.job.job_id, error = %e, "rolled back, but the checkpoint could not be deleted");
         }
         Ok(())
+    }
+}
+
+/// Runs `work` while telling the target every
+/// [`KEEPALIVE_EVERY`](protocol::KEEPALIVE_EVERY) that this side is at
+/// `phase` with so many bytes in the checkpoint folder `dir`, and listening
+/// for the target's `Failed` (its agent stops). Returns what `work` returned
+/// and, if the target failed or went away meanwhile, why.
+async fn keeping_alive<F>(
+    conn: Option<&mut Box<dyn Conn>>,
+    phase: &str,
+    dir: Option<std::path::PathBuf>,
+    work: F,
+) -> Result<Option<String>, MigrationError>
+where
+    F: std::future::Future<Output = Result<(), MigrationError>>,
+{
+    let Some(conn) = conn else {
+        return work.await.map(|()| None);
+    };
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    tokio::pin!(work);
+    let listen = protocol::recv::<_, ToSource>(&mut rd);
+    tokio::pin!(listen);
+    let mut tick = tokio::time::interval(protocol::KEEPALIVE_EVERY);
+    let mut heard: Option<String> = None;
+    loop {
+        tokio::select! {
+            r = &mut work => return r.map(|()| heard),
+            _ = tick.tick(), if heard.is_none() => {
+                let bytes = dir.as_deref().map_or(0, crate::sysinfo::tree_bytes);
+                let msg = ToTarget::Progress { phase: phase.to_owned(), bytes };
+                if let Err(e) = protocol::send(&mut wr, &msg).await {
+                    heard = Some(format!("cannot tell it progress: {e}"));
+                }
+            }
+            msg = &mut listen, if heard.is_none() => {
+                heard = Some(match msg {
+                    Ok(ToSource::Failed { reason } | ToSource::Refused { reason }) => reason,
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(e) => e.to_string(),
+                });
+            }
+        }
     }
 }

@@ -137,6 +137,7 @@ pub(crate) fn test_node(
             progress_every: Duration::from_millis(20),
             prepare_wait: WAIT,
             commit_wait: WAIT,
+            source_silence: WAIT,
             settle: Duration::ZERO,
         },
         peers: Peers::default(),
@@ -319,6 +320,14 @@ async fn scripted_target(mut conn: DuplexStream, stop: Stop, staging: PathBuf) {
     protocol::send(&mut conn, &reply).await.unwrap();
     if matches!(stop, Stop::Refuse | Stop::CloseAfterPrepared) {
         return;
+    }
+    // Keepalives while the source checkpoints, then the stream.
+    loop {
+        match protocol::recv::<_, ToTarget>(&mut conn).await.unwrap() {
+            ToTarget::Progress { .. } => {}
+            ToTarget::Sending => break,
+            other => panic!("expected progress or sending, got {other:?}"),
+        }
     }
     let limits = UnpackLimits::default();
     let staging = staging.join(&p.job_id);
@@ -624,7 +633,7 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             Peer::Scripted(Stop::CloseAfterPrepared),
             |_| {},
             RolledBack,
-            "transfer to b:",
+            "peer closed the data connection",
         ),
         (
             "target says failed",
@@ -971,6 +980,12 @@ async fn scripted_source(
             container: NAME.into(),
             checkpoint: checkpoint_name(&job),
         };
+        let progress = ToTarget::Progress {
+            phase: "checkpoint".into(),
+            bytes: 1,
+        };
+        protocol::send(&mut near, &progress).await.unwrap();
+        protocol::send(&mut near, &ToTarget::Sending).await.unwrap();
         let sent =
             wire::send_checkpoint(&mut near, &header, images, &SendOptions::default(), |_| {})
                 .await;

@@ -927,6 +927,8 @@ async fn cancel_racing_the_commit_ends_on_exactly_one_node() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum SourceStop {
     CloseAfterPrepared,
+    /// The target's agent drains while the source checkpoints.
+    TargetDrains,
     ForeignStream,
     CloseAfterRestored,
     Commit,
@@ -968,7 +970,15 @@ async fn scripted_source(
     let answer = protocol::recv::<_, ToSource>(&mut near).await.unwrap();
     let prepared = matches!(answer, ToSource::Prepared { .. });
     told.push(answer);
-    if prepared && stop != SourceStop::CloseAfterPrepared {
+    if prepared && stop == SourceStop::TargetDrains {
+        let progress = ToTarget::Progress {
+            phase: "checkpoint".into(),
+            bytes: 1,
+        };
+        protocol::send(&mut near, &progress).await.unwrap();
+        b.jobs.cancel_incoming();
+        told.push(protocol::recv::<_, ToSource>(&mut near).await.unwrap());
+    } else if prepared && stop != SourceStop::CloseAfterPrepared {
         let header = TransferHeader {
             job_id: if stop == SourceStop::ForeignStream {
                 "other".into()
@@ -1018,6 +1028,7 @@ async fn the_target_keeps_the_container_only_after_the_commit() {
     let imgs = images(&dir);
     for stop in [
         SourceStop::CloseAfterPrepared,
+        SourceStop::TargetDrains,
         SourceStop::ForeignStream,
         SourceStop::CloseAfterRestored,
         SourceStop::Commit,
@@ -1041,6 +1052,11 @@ async fn the_target_keeps_the_container_only_after_the_commit() {
                 last.error.as_deref(),
                 Some("source closed the connection before committing")
             );
+        }
+        if stop == SourceStop::TargetDrains {
+            let reason = "target agent stopping".to_string();
+            assert_eq!(told.last(), Some(&ToSource::Failed { reason }), "{told:?}");
+            assert_eq!(last.error.as_deref(), Some("target agent stopping"));
         }
         if stop == SourceStop::ForeignStream {
             let error = last.error.unwrap_or_default();

@@ -356,6 +356,7 @@ impl Agent {
         self.service.stopping("draining");
         self.draining.cancel();
         self.node.jobs.cancel_queued();
+        self.node.jobs.cancel_incoming();
         self.accept_stop.cancel();
         self.tasks.close();
         let soft = tokio::time::sleep(deadline);

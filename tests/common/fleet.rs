@@ -144,6 +144,9 @@ pub struct AgentOptions<'a> {
     /// Another work dir (staging) than the node's default one in the fleet
     /// dir; the state dir (the job ledger) stays the node's.
     pub work_dir: Option<&'a Path>,
+    /// Another CRIU for the agent's runc checkpoints than the node's
+    /// wrapper (e.g. one that is slow on purpose).
+    pub criu_path: Option<&'a Path>,
 }
 
 impl<B: Broker> Fleet<B> {
@@ -215,7 +218,10 @@ impl<B: Broker> Fleet<B> {
             .arg("--docker-exec-root")
             .arg(&node.exec_root)
             .arg("--criu-path")
-            .arg(node.dir.join("bin/criu"))
+            .arg(
+                opts.criu_path
+                    .map_or_else(|| node.dir.join("bin/criu"), Path::to_path_buf),
+            )
             .arg("--criu-config")
             .arg(node.dir.join("criu.conf"))
             .args(["--listen", &listen.to_string()])

@@ -104,6 +104,12 @@ pub enum MigrationError {
     AwaitRestore(ProtocolError),
     #[error("restore on target failed: {reason}")]
     RestoreFailedOnTarget { reason: String },
+    #[error("target {target} failed during the {phase}: {reason}")]
+    TargetFailedEarly {
+        target: String,
+        phase: &'static str,
+        reason: String,
+    },
     #[error("restore: unexpected answer {answer}")]
     UnexpectedRestoreAnswer { answer: String },
     #[error("canceled by request")]
@@ -179,6 +185,14 @@ pub enum MigrationError {
     Receive(StreamError),
     #[error("receive: the stream named {got}, expected {expected}")]
     UnexpectedStream { got: String, expected: String },
+    #[error("target agent stopping")]
+    TargetStopping,
+    #[error("source silent for {silent_s} s while at its {phase} (no progress)")]
+    SourceSilent { phase: String, silent_s: u64 },
+    #[error("waiting for the stream: {0}")]
+    AwaitStream(ProtocolError),
+    #[error("expected progress or the stream, got {answer}")]
+    UnexpectedBeforeStream { answer: String },
     #[error("restore: {0}")]
     Restore(RuntimeError),
     #[error("restore: cannot place images in {}: {source}", dir.display())]

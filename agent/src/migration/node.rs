@@ -59,6 +59,10 @@ pub struct Timeouts {
     pub prepare_wait: Duration,
     /// The source answers `Restored` with `Commit` at once.
     pub commit_wait: Duration,
+    /// Between `Prepared` and the stream, the longest silence from a source
+    /// that checkpoints (it says `Progress` every
+    /// [`KEEPALIVE_EVERY`](super::protocol::KEEPALIVE_EVERY)).
+    pub source_silence: Duration,
     /// How long a restored container must stay up before it counts as running.
     pub settle: Duration,
 }
@@ -73,6 +77,7 @@ impl Default for Timeouts {
             progress_every: Duration::from_millis(500),
             prepare_wait: Duration::from_secs(30),
             commit_wait: Duration::from_secs(60),
+            source_silence: Duration::from_secs(60),
             settle: Duration::from_millis(500),
         }
     }

@@ -253,6 +253,17 @@ impl JobRegistry {
         }
     }
 
+    /// The start of a drain: incoming jobs stop now (each before `Restored`
+    /// fails, tells its source and removes what it created; one past it
+    /// waits for the commit).
+    pub fn cancel_incoming(&self) {
+        for entry in inner(&self.jobs).entries.values() {
+            if entry.role == Role::Target {
+                let _ = entry.gate.try_cancel();
+            }
+        }
+    }
+
     /// The start of a drain: jobs still in line never start.
     pub fn cancel_queued(&self) {
         let i = inner(&self.jobs);

@@ -185,8 +185,8 @@ impl<E: Engine> Driver<'_, E> {
             // Not interruptible: a cancel is honoured once it returns.
             Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
-            Step::Checkpoint => self.checkpoint(machine).await,
-            Step::PackState => self.pack_state(machine).await,
+            // The target hears `Progress` meanwhile, and may say it fails.
+            Step::Checkpoint | Step::PackState => self.idle_step(step, machine).await,
             Step::Transfer => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,
@@ -504,32 +504,60 @@ impl<E: Engine> Driver<'_, E> {
             }
             let start = Instant::now();
             let dump = base.join("dump");
-            match node
-                .engine
-                .dump_running(id, &format!("{name}-pre{round}"), &dump, options)
+            let send = base.join("send");
+            // The dump and its hashing leave the connection idle: the
+            // target hears keepalives meanwhile, as during the checkpoint.
+            let mut dumped = None;
+            let work = async {
+                match node
+                    .engine
+                    .dump_running(id, &format!("{name}-pre{round}"), &dump, options)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(RuntimeError::Unsupported(why)) if round == 1 => {
+                        dumped = Some(Err(why));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(MigrationError::PreCopyDump {
+                            round,
+                            source: Box::new(e),
+                        })
+                    }
+                }
+                let (dump2, send2, known2) =
+                    (dump.clone(), send.clone(), std::mem::take(&mut known));
+                let encoded = tokio::task::spawn_blocking(move || {
+                    precopy::encode_round(&dump2, &send2, &known2)
+                })
                 .await
-            {
-                Ok(()) => {}
-                Err(RuntimeError::Unsupported(why)) if round == 1 => {
+                .map_err(MigrationError::PreCopyTask)??;
+                dumped = Some(Ok(encoded));
+                Ok(())
+            };
+            let mut conn = self.conn.take();
+            let result = keeping_alive(conn.as_mut(), "precopy", Some(dump.clone()), work).await;
+            self.conn = conn;
+            if let Some(reason) = result? {
+                return Err(MigrationError::TargetFailedEarly {
+                    target: job.target.clone(),
+                    phase: "precopy",
+                    reason,
+                });
+            }
+            let (st, hashes) = match dumped {
+                Some(Ok(encoded)) => encoded,
+                Some(Err(why)) => {
                     let why = format!("pre-copy skipped: {why}");
                     info!(job = %job.job_id, %why, "no pre-copy");
                     report.note = Some(why);
                     return Ok(());
                 }
-                Err(e) => {
-                    return Err(MigrationError::PreCopyDump {
-                        round,
-                        source: Box::new(e),
-                    })
-                }
-            }
-            let send = base.join("send");
-            let (dump2, send2) = (dump.clone(), send.clone());
-            let (st, hashes) =
-                tokio::task::spawn_blocking(move || precopy::encode_round(&dump2, &send2, &known))
-                    .await
-                    .map_err(MigrationError::PreCopyTask)??;
+                None => return Err(MigrationError::Missing("the pre-copy dump's result")),
+            };
             let _ = tokio::fs::remove_dir_all(&dump).await;
+            self.tell_sending().await?;
             let header = self.header(format!("{name}@pre{round}"));
             let opts = self.send_options();
             let conn = self.conn()?;
@@ -656,6 +684,67 @@ impl<E: Engine> Driver<'_, E> {
         Ok(())
     }
 
+    /// Runs a step that leaves the connection idle (checkpoint, pack) with
+    /// keepalives to the target; see [`keeping_alive`].
+    async fn idle_step(
+        &mut self,
+        step: Step,
+        machine: &mut SourceMachine,
+    ) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let dir = match &self.container {
+            Some(c) => node
+                .engine
+                .checkpoint_dir(&c.id, &checkpoint_name(&job.job_id))
+                .await
+                .ok(),
+            None => None,
+        };
+        let mut conn = self.conn.take();
+        let (phase, result) = match step {
+            Step::Checkpoint => {
+                let work = self.checkpoint(machine);
+                (
+                    "checkpoint",
+                    keeping_alive(conn.as_mut(), "checkpoint", dir, work).await,
+                )
+            }
+            _ => {
+                let work = self.pack_state(machine);
+                (
+                    "pack",
+                    keeping_alive(conn.as_mut(), "pack", dir, work).await,
+                )
+            }
+        };
+        self.conn = conn;
+        let heard = result?;
+        match heard {
+            Some(reason) => Err(MigrationError::TargetFailedEarly {
+                target: job.target.clone(),
+                phase,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the keepalives: a stream follows at once.
+    async fn tell_sending(&mut self) -> Result<(), MigrationError> {
+        let target = self.job.target.clone();
+        protocol::send(self.conn()?, &ToTarget::Sending)
+            .await
+            .map_err(|e| MigrationError::Transfer {
+                target,
+                source: match e {
+                    protocol::ProtocolError::Stream(s) => s,
+                    protocol::ProtocolError::Closed => {
+                        crate::stream::StreamError::Truncated("the target closed".into())
+                    }
+                },
+            })
+    }
+
     async fn transfer(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
         let (node, job) = (self.node, self.job);
         let dir = node
@@ -725,6 +814,7 @@ impl<E: Engine> Driver<'_, E> {
         options: &SendOptions,
     ) -> Result<u64, MigrationError> {
         let (node, job) = (self.node, self.job);
+        self.tell_sending().await?;
         let (tx, mut rx) = watch::channel(Progress {
             bytes_raw: 0,
             bytes_wire: 0,
@@ -854,5 +944,49 @@ impl<E: Engine> Driver<'_, E> {
             warn!(job = %self.job.job_id, error = %e, "rolled back, but the checkpoint could not be deleted");
         }
         Ok(())
+    }
+}
+
+/// Runs `work` while telling the target every
+/// [`KEEPALIVE_EVERY`](protocol::KEEPALIVE_EVERY) that this side is at
+/// `phase` with so many bytes in the checkpoint folder `dir`, and listening
+/// for the target's `Failed` (its agent stops). Returns what `work` returned
+/// and, if the target failed or went away meanwhile, why.
+async fn keeping_alive<F>(
+    conn: Option<&mut Box<dyn Conn>>,
+    phase: &str,
+    dir: Option<std::path::PathBuf>,
+    work: F,
+) -> Result<Option<String>, MigrationError>
+where
+    F: std::future::Future<Output = Result<(), MigrationError>>,
+{
+    let Some(conn) = conn else {
+        return work.await.map(|()| None);
+    };
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    tokio::pin!(work);
+    let listen = protocol::recv::<_, ToSource>(&mut rd);
+    tokio::pin!(listen);
+    let mut tick = tokio::time::interval(protocol::KEEPALIVE_EVERY);
+    let mut heard: Option<String> = None;
+    loop {
+        tokio::select! {
+            r = &mut work => return r.map(|()| heard),
+            _ = tick.tick(), if heard.is_none() => {
+                let bytes = dir.as_deref().map_or(0, crate::sysinfo::tree_bytes);
+                let msg = ToTarget::Progress { phase: phase.to_owned(), bytes };
+                if let Err(e) = protocol::send(&mut wr, &msg).await {
+                    heard = Some(format!("cannot tell it progress: {e}"));
+                }
+            }
+            msg = &mut listen, if heard.is_none() => {
+                heard = Some(match msg {
+                    Ok(ToSource::Failed { reason } | ToSource::Refused { reason }) => reason,
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(e) => e.to_string(),
+                });
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::check::{self, Facts};
+use super::gate::CommitGate;
 use super::machine::{Outcome, TargetMachine, TargetStep};
 use super::precopy::{self, Staged};
 use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
@@ -51,7 +52,7 @@ where
                         .try_register(&prepare.job_id, &prepare.spec.name, Role::Target)
                     {
                         Ok(guard) => {
-                            run(&node, &mut conn, &prepare).await;
+                            run(&node, &mut conn, &prepare, guard.gate()).await;
                             drop(guard);
                             return;
                         }
@@ -73,8 +74,10 @@ where
     let _ = protocol::send(&mut conn, &ToSource::Refused { reason }).await;
 }
 
-/// Runs a registered incoming job to its final state.
-async fn run<E, S>(node: &Node<E>, conn: &mut S, prepare: &Prepare)
+/// Runs a registered incoming job to its final state. `gate` fires when
+/// this agent drains: before `Restored` the job fails, tells the source and
+/// removes what it created; after it, the job waits for the commit.
+async fn run<E, S>(node: &Node<E>, conn: &mut S, prepare: &Prepare, gate: &CommitGate)
 where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -110,7 +113,9 @@ where
         if step == TargetStep::Finish {
             break;
         }
-        let outcome = driver.perform(step, &mut machine).await;
+        let outcome = driver
+            .perform_unless_stopping(step, &mut machine, gate)
+            .await;
         if let Outcome::Failed(reason) = &outcome {
             warn!(job = %prepare.job_id, ?step, %reason, "step failed");
         }
@@ -141,6 +146,35 @@ where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    /// Steps before `Restored` stop when the agent drains: those that only
+    /// wait (for the source, for the stream) at once, the engine's at their
+    /// end.
+    async fn perform_unless_stopping(
+        &mut self,
+        step: TargetStep,
+        machine: &mut TargetMachine,
+        gate: &CommitGate,
+    ) -> Outcome {
+        use TargetStep::*;
+        match step {
+            Precheck | FetchImage | Create if gate.is_canceled() => {
+                Outcome::Failed(MigrationError::TargetStopping)
+            }
+            Receive => match self.receive(machine, gate).await {
+                Ok(()) if gate.is_canceled() => Outcome::Failed(MigrationError::TargetStopping),
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Failed(e),
+            },
+            ApplyState | Restore => match self.perform(step, machine).await {
+                Outcome::Done if gate.is_canceled() => {
+                    Outcome::Failed(MigrationError::TargetStopping)
+                }
+                other => other,
+            },
+            _ => self.perform(step, machine).await,
+        }
+    }
+
     async fn perform(&mut self, step: TargetStep, machine: &mut TargetMachine) -> Outcome {
         let result = match step {
             TargetStep::Precheck => {
@@ -149,7 +183,7 @@ where
             }
             TargetStep::FetchImage => self.fetch_image(machine).await,
             TargetStep::Create => self.create().await,
-            TargetStep::Receive => self.receive(machine).await,
+            TargetStep::Receive => self.receive(machine, &CommitGate::new()).await,
             TargetStep::ApplyState => self.apply_state(machine).await,
             TargetStep::Restore => self.restore(machine).await,
             TargetStep::AwaitCommit => self.await_commit().await,
@@ -307,8 +341,14 @@ where
         Ok(())
     }
 
-    /// Says `Prepared`; the source checkpoints now and the stream follows.
-    async fn receive(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+    /// Says `Prepared`; the source checkpoints now, saying `Progress` until
+    /// `Sending`, and the stream follows. A drain (`gate`) stops the wait
+    /// and the stream, and the source learns why.
+    async fn receive(
+        &mut self,
+        machine: &mut TargetMachine,
+        gate: &CommitGate,
+    ) -> Result<(), MigrationError> {
         let container_id = self.id()?.to_owned();
         protocol::send(self.conn, &ToSource::Prepared { container_id })
             .await
@@ -330,6 +370,9 @@ where
                 .join(format!("{}@pre{}{what}", p.job_id, n % 2))
         };
         loop {
+            // Each stream (a pre-copy round, the final images) follows the
+            // source's keepalives and its `Sending`.
+            self.await_stream_unless_stopping(gate).await?;
             let incoming = wire::read_header(&mut *self.conn)
                 .await
                 .map_err(MigrationError::Receive)?;
@@ -353,10 +396,19 @@ where
                 return Err(e);
             }
             if h.checkpoint == p.checkpoint {
-                let report = incoming
-                    .accept(&self.staging, &limits)
-                    .await
-                    .map_err(MigrationError::Receive)?;
+                let accepted = tokio::select! {
+                    r = incoming.accept(&self.staging, &limits) => r.map_err(MigrationError::Receive),
+                    _ = gate.canceled() => Err(MigrationError::TargetStopping),
+                };
+                let report = match accepted {
+                    Ok(report) => report,
+                    Err(MigrationError::TargetStopping) => {
+                        let reason = MigrationError::TargetStopping.to_string();
+                        wire::refuse_now(&mut *self.conn, &reason).await;
+                        return Err(MigrationError::TargetStopping);
+                    }
+                    Err(e) => return Err(e),
+                };
                 raw += report.bytes_raw;
                 wire_bytes += report.bytes_wire;
                 if round > 0 {
@@ -422,6 +474,52 @@ where
             for what in ["", "-recv"] {
                 let dir = staging.join(format!("{}@pre{n}{what}", self.prepare.job_id));
                 remove_dir(&dir).await;
+            }
+        }
+    }
+
+    /// [`Self::await_stream`], stopped by a drain (`gate`): the source then
+    /// learns why.
+    async fn await_stream_unless_stopping(
+        &mut self,
+        gate: &CommitGate,
+    ) -> Result<(), MigrationError> {
+        let waited = tokio::select! {
+            r = self.await_stream() => r,
+            _ = gate.canceled() => Err(MigrationError::TargetStopping),
+        };
+        if let Err(MigrationError::TargetStopping) = &waited {
+            let reason = MigrationError::TargetStopping.to_string();
+            let _ = protocol::send(self.conn, &ToSource::Failed { reason }).await;
+        }
+        waited
+    }
+
+    /// Reads the source's keepalives until `Sending`; a source silent for
+    /// [`Timeouts::source_silence`](super::Timeouts) is gone.
+    async fn await_stream(&mut self) -> Result<(), MigrationError> {
+        let silence = self.node.timeouts.source_silence;
+        let mut phase = String::from("checkpoint");
+        loop {
+            let msg = tokio::time::timeout(silence, protocol::recv::<_, ToTarget>(self.conn))
+                .await
+                .map_err(|_| MigrationError::SourceSilent {
+                    phase: phase.clone(),
+                    silent_s: silence.as_secs(),
+                })?;
+            match msg {
+                Ok(ToTarget::Progress { phase: p, bytes }) => {
+                    tracing::debug!(job = %self.prepare.job_id, phase = %p, bytes, "source progress");
+                    phase = p;
+                }
+                Ok(ToTarget::Sending) => return Ok(()),
+                Ok(other) => {
+                    return Err(MigrationError::UnexpectedBeforeStream {
+                        answer: format!("{other:?}"),
+                    })
+                }
+                Err(ProtocolError::Closed) => return Err(MigrationError::SourceClosed),
+                Err(e) => return Err(MigrationError::AwaitStream(e)),
             }
         }
     }

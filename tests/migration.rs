@@ -28,8 +28,10 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
         .job;
 
     // The same job id again at the same node (a manager's retry, a QoS 1
-    // redelivery) is not run twice: no reply at all. The same job under a
-    // new id, as the control, is answered (the container left node1).
+    // redelivery, a replay) is not run twice: it is rejected as seen
+    // before, without a look at what it asks. The same job under a new id,
+    // as the control, is answered for what it asks (the container left
+    // node1).
     let replay = json!({"action": "migrate", "container": name, "target": "node2"});
     let again = fleet.subscribe(&fleet.topic("node1/jobs/#"));
     fleet.send_job("node1", &job, &replay);
@@ -43,28 +45,19 @@ fn counter_migrates_through_a_job_published_with_mosquitto_pub() {
             .contains("not found"),
         "{control}"
     );
-    // What orders the check below: the agent's word that it skipped the
-    // repeated id. It decides that on its receiving loop and replies
-    // nothing after it, so a reply to the repeat would be out by now.
-    wait_for(
-        "node1's agent to skip the repeated job id",
-        REPLY_TIMEOUT,
-        || {
-            a1.log_text()
-                .lines()
-                .any(|l| l.contains("seen before") && l.contains(&job))
-                .then_some(())
-                .ok_or(format!("no \"seen before\" line for {job} in its log"))
-        },
-    );
-    let replies: Vec<_> = again
-        .messages()
-        .into_iter()
-        .filter(|(t, _)| t.contains(&format!("/jobs/{job}/")) && !t.ends_with("/status"))
-        .collect();
+    let repeated = again.wait_topic(&format!("/jobs/{job}/rejected"), REPLY_TIMEOUT);
     assert!(
-        replies.is_empty(),
-        "a repeated job id was answered: {replies:?}"
+        repeated["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("job {job} was seen before on node1")),
+        "{repeated}"
+    );
+    assert!(
+        a1.log_text()
+            .lines()
+            .any(|l| l.contains("seen before") && l.contains(&job)),
+        "no \"seen before\" line for {job} in its log"
     );
     assert!(n2.is_running(&name), "the counter left node2");
 }
@@ -79,7 +72,12 @@ fn memhog_migrates_compressed_and_rate_limited() {
     let name = source.name.clone();
     let checksum = memhog_ready(&source);
     let limit: u64 = 20 << 20;
-    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "20MiB/s"})));
+    // The stop-and-copy path (tests/precopy.rs has the pre-copied one).
+    let job = fleet.send_migrate(
+        &source,
+        2,
+        Some(json!({"rate_limit": "20MiB/s", "precopy": "off"})),
+    );
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(status["state"], "succeeded", "final status: {status}");
     let raw = status["bytes_raw"].as_u64().unwrap();
@@ -294,8 +292,13 @@ fn ferry_migrate_shows_progress_and_exits_zero_on_success() {
 /// job is in its transfer phase. Returns (job id, ready checksum).
 fn slow_migration_in_transfer(fleet: &Fleet, source: &Container) -> (String, String) {
     let checksum = memhog_ready(source);
-    // 128 MiB on the wire at 2 MiB/s: about a minute of transfer.
-    let job = fleet.send_migrate(source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    // 128 MiB on the wire at 2 MiB/s: about a minute of transfer (without
+    // pre-copy, which would send it while memhog runs).
+    let job = fleet.send_migrate(
+        source,
+        2,
+        Some(json!({"rate_limit": "2MiB/s", "precopy": "off"})),
+    );
     let topic = fleet.topic(&format!("node1/jobs/{job}/status"));
     wait_for("the job's transfer phase", JOB_TIMEOUT, || {
         match fleet.retained(&topic) {

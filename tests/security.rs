@@ -70,6 +70,8 @@ fn prepare(target_status: &Value, job: &str, source: &str, target: &str, name: &
         estimate_bytes: MIB,
         arch: target_status["arch"].as_str().unwrap_or("").to_string(),
         page_size: target_status["page_size"].as_u64().unwrap_or(0),
+        container_id: String::new(),
+        order: None,
     }
 }
 
@@ -79,17 +81,6 @@ fn node_certificates_are_confined_to_their_own_topics() {
     let mut a1 = fleet.start_agent(1);
     let mut a2 = fleet.start_agent(2);
     let everything = fleet.subscribe(&format!("{ROOT}/#"));
-    // node2 listens to node1's jobs: the broker acknowledges the
-    // subscription but must deliver nothing under it. The same client also
-    // reads node2's own jobs, which it may: the control below comes that way.
-    let spy = fleet.subscribe_as(
-        Who::Fleet("node2"),
-        &[
-            &format!("{ROOT}/node1/jobs/+"),
-            &format!("{ROOT}/node2/jobs/+"),
-        ],
-    );
-    assert!(spy.subscribed(), "{}", spy.diagnostics());
 
     // node1's certificate publishes a job to node2, and forges node2's
     // status and a reply of node2's.
@@ -108,13 +99,6 @@ fn node_certificates_are_confined_to_their_own_topics() {
         // MQTT 3.1.1 has no negative PUBACK: the client cannot tell.
         assert!(out.status.success(), "{topic}: {}", out.stderr);
     }
-    // A job for node1 from the manager: node1 sees it, node2's spy not.
-    let for_node1 = unique_name("n1job");
-    fleet.publish(
-        &format!("{ROOT}/node1/jobs/{for_node1}"),
-        &job.replace("node1", "node2"),
-        false,
-    );
     // Control, published last: the same job from the manager reaches
     // node2, which answers.
     let allowed = unique_name("allowed");
@@ -124,16 +108,12 @@ fn node_certificates_are_confined_to_their_own_topics() {
         reply["reason"].as_str().unwrap_or("").contains("anything"),
         "{reply}"
     );
-    everything.wait_topic(&format!("/node1/jobs/{for_node1}/rejected"), REPLY_TIMEOUT);
     // What orders the checks below: each publish above returned after the
     // broker's PUBACK, and the broker hands a subscriber its messages in
     // the order it took them in. So whatever it let through of node1's
-    // publishes reached `everything` before node2's reply to the control,
-    // and node1's job reached the spy before the control did. (node2's
-    // agent, too, would have been handed the forged job before the control;
-    // should the broker leak it, `everything` shows it in any case.)
-    spy.wait_topic(&format!("/node2/jobs/{allowed}"), REPLY_TIMEOUT);
-
+    // publishes reached `everything` before node2's reply to the control.
+    // (node2's agent, too, would have been handed the forged job before the
+    // control; should the broker leak it, `everything` shows it in any case.)
     let seen = everything.messages();
     let forged_seen: Vec<_> = seen.iter().filter(|(t, _)| t.contains(&forged)).collect();
     assert!(
@@ -149,7 +129,34 @@ fn node_certificates_are_confined_to_their_own_topics() {
         true,
         "node1 overwrote node2's retained status"
     );
-    let control = format!("{ROOT}/node2/jobs/{allowed}");
+
+    // node2's certificate listens to node1's jobs: the broker acknowledges
+    // the subscription but must deliver nothing under it. The certificate
+    // is node2's client id on the nodes' listener, so node2's agent steps
+    // aside first. The same client also reads node2's own jobs, which it
+    // may: the control below comes that way.
+    a2.terminate();
+    let spy = fleet.subscribe_as(
+        Who::Fleet("node2"),
+        &[
+            &format!("{ROOT}/node1/jobs/+"),
+            &format!("{ROOT}/node2/jobs/+"),
+        ],
+    );
+    assert!(spy.subscribed(), "{}", spy.diagnostics());
+    // A job for node1 from the manager: node1 sees it, node2's spy not.
+    let for_node1 = unique_name("n1job");
+    fleet.publish(
+        &format!("{ROOT}/node1/jobs/{for_node1}"),
+        &job.replace("node1", "node2"),
+        false,
+    );
+    everything.wait_topic(&format!("/node1/jobs/{for_node1}/rejected"), REPLY_TIMEOUT);
+    let control = unique_name("control");
+    fleet.publish(&format!("{ROOT}/node2/jobs/{control}"), &job, false);
+    // node1's job reached the spy, if at all, before the control did.
+    spy.wait_topic(&format!("/node2/jobs/{control}"), REPLY_TIMEOUT);
+    let control = format!("{ROOT}/node2/jobs/{control}");
     let spied: Vec<_> = spy
         .messages()
         .into_iter()
@@ -160,10 +167,326 @@ fn node_certificates_are_confined_to_their_own_topics() {
         a1.log_text().contains(&for_node1),
         "node1 never got its job"
     );
-    assert!(a1.is_running() && a2.is_running());
+    assert!(a1.is_running());
     println!(
         "broker dropped node1's job to node2, the forged status and reply; node2 read none of node1's jobs; manager's messages seen: {}",
         seen.len()
+    );
+}
+
+/// Client ids are bound to certificates: node1's certificate asking for
+/// client id node2 is connected as node1 (and cannot get onto the
+/// manager's listener at all), so node2 keeps its session and its jobs;
+/// two manager clients run side by side.
+#[test]
+fn a_node_cannot_take_over_another_nodes_session() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let everything = fleet.subscribe(&format!("{ROOT}/#"));
+    let second_manager = fleet.subscribe(&format!("{ROOT}/+/jobs/+/rejected"));
+    let broker = &fleet.broker;
+
+    let mut cmd = broker.client_on("mosquitto_sub", Who::Fleet("node1"), broker.port);
+    cmd.args(["-i", "node2", "-c"]);
+    let intruder = fleet.subscribe_with(cmd, &[&format!("{ROOT}/node2/jobs/+")]);
+    assert!(intruder.subscribed(), "{}", intruder.diagnostics());
+    let mut cmd = broker.client_on("mosquitto_sub", Who::Fleet("node1"), broker.manager_port);
+    cmd.args(["-i", "node2"]);
+    let on_manager_port = fleet.subscribe_with(cmd, &[&format!("{ROOT}/node2/jobs/+")]);
+    assert!(
+        !on_manager_port.subscribed(),
+        "node1's certificate got onto the manager's listener"
+    );
+
+    // node2 still has its session: a job from the manager reaches it.
+    let job = unique_name("after");
+    let order = json!({"action": "migrate", "container": "anything", "target": "node1"});
+    fleet.publish(
+        &format!("{ROOT}/node2/jobs/{job}"),
+        &order.to_string(),
+        false,
+    );
+    let reply = everything.wait_topic(&format!("/node2/jobs/{job}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        reply["reason"].as_str().unwrap_or("").contains("anything"),
+        "{reply}"
+    );
+    second_manager.wait_topic(&format!("/node2/jobs/{job}/rejected"), REPLY_TIMEOUT);
+    assert!(
+        intruder.messages().is_empty(),
+        "the intruder read node2's jobs: {:?}",
+        intruder.messages()
+    );
+    let log = fleet.broker_log_text();
+    assert!(
+        !log.contains("already connected, closing old connection"),
+        "a client was taken over:\n{log}"
+    );
+    let intruder_login: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains("u'node1'"))
+        .collect();
+    assert!(
+        intruder_login.len() == 1 && intruder_login[0].contains(" as node1 ("),
+        "{log}"
+    );
+    assert!(a2.is_running());
+
+    // Two `ferry nodes` at once on the manager's listener, as the README
+    // says to run the CLI: both connect and list node2.
+    let cli = || {
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["nodes", "--mqtt"])
+            .arg(format!("mqtts://127.0.0.1:{}", broker.manager_port))
+            .arg("--tls-ca")
+            .arg(fleet.certs.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(fleet.certs.join("manager.pem"))
+            .arg("--tls-key")
+            .arg(fleet.certs.join("manager.key"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ferry nodes")
+    };
+    let (one, two) = (cli(), cli());
+    for out in [one, two] {
+        let out = out.wait_with_output().expect("ferry nodes");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.lines().any(|l| l.starts_with("node2 ")),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "node1's certificate asking for client id node2: {}; on the manager's listener: refused ({}); node2 answered job {job}; two manager clients side by side",
+        intruder_login[0].trim(),
+        on_manager_port.diagnostics().lines().last().unwrap_or("").trim()
+    );
+}
+
+/// `ferry certs --revoke node1`: the broker (restarted: mosquitto reads its
+/// CRL at start) and node2's data port (started with `--tls-crl`) refuse
+/// node1's certificate; node2's own still works on both.
+#[test]
+fn a_revoked_node_is_refused_by_the_broker_and_by_data_ports() {
+    let mut fleet = SecureFleet::new(Bed::require());
+    // Before: node1's certificate gets in (the broker reads the empty list
+    // `ferry certs` wrote).
+    let before = fleet.publish_as(
+        Who::Fleet("node1"),
+        &format!("{ROOT}/node1/status"),
+        "{}",
+        false,
+    );
+    assert!(before.status.success(), "{}", before.stderr);
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--revoke", "node1"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs --revoke");
+    assert!(
+        out.status.success() && out.stdout.contains("revoked node1"),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+    fleet.broker.restart();
+    let crl = fleet.certs.join("crl.pem").display().to_string();
+    let mut a2 = fleet.start_agent_with(
+        2,
+        AgentOptions {
+            extra: &["--tls-crl", &crl],
+            ..AgentOptions::default()
+        },
+    );
+    // The broker: node1 is refused, node2 (its agent) is online.
+    let refused = fleet.publish_as(
+        Who::Fleet("node1"),
+        &format!("{ROOT}/node1/status"),
+        "{}",
+        false,
+    );
+    assert!(
+        !refused.status.success(),
+        "node1 could publish: {}",
+        refused.stdout
+    );
+    assert_eq!(fleet.node_status("node2")["online"], true);
+    // node2's data port: node1 is refused in the handshake; node2's
+    // certificate gets a session (and a refusal for naming node3).
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
+    let rt = runtime();
+    let as_node =
+        |n: &str| ferry_agent::stream::client_config(&fleet.tls_files(n)).expect("client config");
+    let p = |source: &str| prepare(&target, &unique_name("revoked"), source, "node2", "never");
+    let answer = rt.block_on(knock(as_node("node1"), addr, p("node1")));
+    assert!(answer.is_err(), "node1 got in: {answer:?}");
+    let answer = rt.block_on(knock(as_node("node2"), addr, p("node3")));
+    assert!(
+        matches!(&answer, Ok(ToSource::Refused { reason }) if reason.contains("node3")),
+        "{answer:?}"
+    );
+    let line = wait_for("node2 to log why it refused node1", REPLY_TIMEOUT, || {
+        a2.log_text()
+            .lines()
+            .find(|l| l.contains("data port TLS handshake failed"))
+            .map(strip_ansi)
+            .ok_or("not yet".to_string())
+    });
+    assert!(line.contains("invalid peer certificate: Revoked"), "{line}");
+    let broker_log = fleet.broker_log_text();
+    println!(
+        "revoked node1: broker refused its publish ({}), node2's data port: {line}; broker log: {:?}",
+        refused.stderr.trim(),
+        broker_log
+            .lines()
+            .filter(|l| l.contains("OpenSSL") || l.contains("revoked"))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(a2.is_running());
+}
+
+fn sighup(pid: u32) {
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new("kill").args(["-HUP", &pid.to_string()]),
+        Duration::from_secs(10),
+    )
+    .expect("run kill");
+    assert!(out.status.success(), "kill -HUP {pid}: {}", out.stderr);
+}
+
+/// `ferry certs` re-issues every leaf while a rate-limited memhog migration
+/// is in its transfer; SIGHUP makes both agents take the new files for new
+/// data connections, the running one goes on and succeeds, and node2's data
+/// port then presents its new certificate. A revocation is picked up the
+/// same way, without a restart.
+#[test]
+fn a_renewed_certificate_is_picked_up_on_sighup_during_a_running_migration() {
+    let fleet = SecureFleet::new(Bed::require());
+    let crl = fleet.certs.join("crl.pem").display().to_string();
+    let extra = ["--tls-crl", crl.as_str()];
+    let with_crl = || AgentOptions {
+        extra: &extra,
+        ..AgentOptions::default()
+    };
+    let a1 = fleet.start_agent_with(1, with_crl());
+    let mut a2 = fleet.start_agent_with(2, with_crl());
+    let source = fleet.run(1, "memhog", ferry_tests::MEMHOG_IMAGE, &["64"]);
+    ferry_tests::memhog_ready(&source);
+    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    let topic = format!("{ROOT}/node1/jobs/{job}/status");
+    wait_for("the job's transfer phase", JOB_TIMEOUT, || {
+        match fleet.retained(&topic) {
+            Some(s) if s["phase"] == "transfer" && s["bytes_wire"].as_u64().unwrap_or(0) > 0 => {
+                Ok(())
+            }
+            Some(s) if s["state"] != "in_progress" => panic!("job ended before the transfer: {s}"),
+            other => Err(format!("status {other:?}")),
+        }
+    });
+    let old_node2 = std::fs::read(fleet.certs.join("node2.pem")).expect("node2.pem");
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--nodes", "node1,node2"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs");
+    assert!(out.status.success(), "{}", out.stderr);
+    let new_node2 = std::fs::read(fleet.certs.join("node2.pem")).expect("node2.pem");
+    assert_ne!(
+        old_node2, new_node2,
+        "node2's certificate was not re-issued"
+    );
+    sighup(a1.pid());
+    sighup(a2.pid());
+    let during = fleet.retained(&topic).unwrap_or_default();
+    let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(
+        during["state"], "in_progress",
+        "SIGHUP came too late: {during}"
+    );
+    for agent in [&a1, &a2] {
+        assert!(
+            agent
+                .log_text()
+                .contains("SIGHUP: the data port uses the reloaded"),
+            "{}: {}",
+            agent.node,
+            agent.log_text()
+        );
+    }
+    // A new connection to node2 meets its new certificate.
+    let rt = runtime();
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let addr = fleet.data_addr("node2");
+    let presented = rt.block_on(async {
+        let tls = hostile::connect(config, addr, "node2")
+            .await
+            .expect("connect");
+        tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+    });
+    use rustls_pki_types::pem::PemObject;
+    let new_der = rustls_pki_types::CertificateDer::from_pem_slice(&new_node2).expect("pem");
+    assert_eq!(
+        presented,
+        new_der.to_vec(),
+        "node2 still presents its old certificate"
+    );
+
+    // Revoking node1 and SIGHUP: node2's data port refuses it from then on.
+    let out = ferry_tests::run_with_timeout(
+        std::process::Command::new(ferry_tests::fleet::ferry_bin())
+            .args(["certs", "--out"])
+            .arg(&fleet.certs)
+            .args(["--revoke", "node1"]),
+        Duration::from_secs(30),
+    )
+    .expect("run ferry certs --revoke");
+    assert!(out.status.success(), "{}", out.stderr);
+    sighup(a2.pid());
+    wait_for("node2 to reload", REPLY_TIMEOUT, || {
+        (a2.log_text()
+            .matches("SIGHUP: the data port uses the reloaded")
+            .count()
+            == 2)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    let target = fleet.node_status("node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let answer = rt.block_on(knock(
+        config,
+        addr,
+        prepare(&target, &unique_name("revoked"), "node1", "node2", "never"),
+    ));
+    assert!(answer.is_err(), "revoked node1 got in: {answer:?}");
+    // The client may read the alert before the agent logs why it sent it.
+    wait_for(
+        "node2 to log the revoked certificate",
+        REPLY_TIMEOUT,
+        || {
+            a2.log_text()
+                .contains("invalid peer certificate: Revoked")
+                .then_some(())
+                .ok_or("not yet".to_string())
+        },
+    );
+    assert!(a2.is_running());
+    println!(
+        "renewed during the transfer of job {job}: it {} in {} ms of transfer; node2 presents its new certificate; node1 revoked on SIGHUP: {answer:?}",
+        status["state"], status["timings_ms"]["transfer"]
     );
 }
 
@@ -339,6 +662,10 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
             "node1",
         ),
         ("another CA's node1", rogue_client, "node1"),
+        // The manager's certificate, from the manager's CA, which agents do
+        // not trust (its role, ferry:role:manager, would refuse it too:
+        // unit-tested in stream::tls).
+        ("the manager", fleet_client("manager"), "manager"),
         ("node1 claiming to be node3", fleet_client("node1"), "node3"),
     ] {
         let job = unique_name("knock");
@@ -372,9 +699,11 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
         .filter(|l| l.contains("data port TLS handshake failed"))
         .map(strip_ansi)
         .collect();
-    assert_eq!(refused.len(), 2, "agent log:\n{log}");
+    assert_eq!(refused.len(), 3, "agent log:\n{log}");
     assert!(
-        refused[0].contains("no certificates") && refused[1].contains("invalid peer certificate"),
+        refused[0].contains("no certificates")
+            && refused[1].contains("invalid peer certificate")
+            && refused[2].contains("UnknownIssuer"),
         "{refused:#?}"
     );
     println!("agent log: {refused:#?}");
@@ -387,6 +716,135 @@ fn data_port_refuses_peers_without_a_fleet_certificate() {
         );
     }
     assert!(a2.is_running(), "agent died: {log}");
+}
+
+/// A compromised node1 (a valid node certificate, speaking the data
+/// protocol by hand) asks node2 for containers that would own node2: each
+/// is refused at `Prepare`, naming the field, and nothing is created. The
+/// same `Prepare` with a plain body is accepted, so the field is what
+/// decided.
+#[test]
+fn a_compromised_node_cannot_have_a_peer_create_a_container_that_escapes() {
+    let fleet = SecureFleet::new(Bed::require());
+    let mut a2 = fleet.start_agent(2);
+    let n2 = fleet.node(2);
+    let addr = fleet.data_addr("node2");
+    let target = fleet.node_status("node2");
+    let config =
+        ferry_agent::stream::client_config(&fleet.tls_files("node1")).expect("client config");
+    let rt = runtime();
+    let host = |extra: Value| {
+        let mut h = json!({"NetworkMode": "none"});
+        for (k, v) in extra.as_object().expect("an object") {
+            h[k] = v.clone();
+        }
+        json!({"Image": COUNTER_IMAGE, "HostConfig": h})
+    };
+    let evil = unique_name("evil");
+    let cases = [
+        (
+            "privileged",
+            host(json!({"Privileged": true})),
+            "HostConfig.Privileged",
+        ),
+        (
+            "bind mount of /",
+            host(json!({"Binds": ["/:/host"]})),
+            "HostConfig.Binds",
+        ),
+        (
+            "bind mount of / as a mount",
+            host(json!({"Mounts": [{"Type": "bind", "Source": "/", "Target": "/host"}]})),
+            "HostConfig.Mounts",
+        ),
+        (
+            "a local volume over /",
+            host(
+                json!({"Mounts": [{"Type": "volume", "Source": evil, "Target": "/host",
+                "VolumeOptions": {"DriverConfig": {"Name": "local",
+                "Options": {"type": "none", "o": "bind", "device": "/"}}}}]}),
+            ),
+            "HostConfig.Mounts",
+        ),
+        (
+            "host PID namespace",
+            host(json!({"PidMode": "host"})),
+            "HostConfig.PidMode",
+        ),
+        (
+            "host network",
+            host(json!({"NetworkMode": "host"})),
+            "HostConfig.NetworkMode",
+        ),
+        (
+            "a device",
+            host(
+                json!({"Devices": [{"PathOnHost": "/dev/mem", "PathInContainer": "/dev/mem",
+                "CgroupPermissions": "rwm"}]}),
+            ),
+            "HostConfig.Devices",
+        ),
+        (
+            "CAP_SYS_ADMIN",
+            host(json!({"CapAdd": ["SYS_ADMIN"]})),
+            "HostConfig.CapAdd",
+        ),
+    ];
+    for (what, body, field) in cases {
+        let job = unique_name("escape");
+        let name = unique_name("escape");
+        fleet.track(&name);
+        let mut p = prepare(&target, &job, "node1", "node2", &name);
+        p.spec.create_body = body;
+        let answer = rt.block_on(knock(config.clone(), addr, p));
+        let reason = match &answer {
+            Ok(ToSource::Refused { reason }) => reason.clone(),
+            other => panic!("{what}: {other:?}"),
+        };
+        assert!(
+            reason.contains(field) && reason.contains("node2 does not allow"),
+            "{what}: {reason}"
+        );
+        let status = fleet.final_status("node2", &job, REPLY_TIMEOUT);
+        assert!(
+            status["error"].as_str().unwrap_or("").contains(field),
+            "{what}: {status}"
+        );
+        assert!(!n2.exists(&name), "{what}: a container was created");
+        println!("{what}: refused: {reason}");
+    }
+    assert!(
+        !n2.docker(&["volume", "inspect", &evil]).status.success(),
+        "the volume over / was created"
+    );
+
+    // Control: the same Prepare with a plain body gets as far as a created
+    // container, which goes again when the connection ends.
+    let job = unique_name("plain");
+    let name = unique_name("plain");
+    fleet.track(&name);
+    let answer = rt.block_on(async {
+        let mut tls = hostile::connect(config.clone(), addr, "node2").await?;
+        let p = prepare(&target, &job, "node1", "node2", &name);
+        protocol::send(&mut tls, &ToTarget::Prepare(Box::new(p)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = protocol::recv::<_, ToSource>(&mut tls).await;
+        let created = n2.exists(&name);
+        Ok::<_, String>((answer.map_err(|e| e.to_string())?, created))
+    });
+    assert!(
+        matches!(&answer, Ok((ToSource::Prepared { .. }, true))),
+        "a plain body: {answer:?}"
+    );
+    let status = fleet.final_status("node2", &job, JOB_TIMEOUT);
+    assert_eq!(status["state"], "failed", "{status}");
+    wait_for("the plain container to go again", REPLY_TIMEOUT, || {
+        (!n2.exists(&name))
+            .then_some(())
+            .ok_or("still there".to_string())
+    });
+    assert!(a2.is_running(), "agent died: {}", a2.log_text());
 }
 
 struct Case {
@@ -715,10 +1173,11 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     };
 
     // A flood of connections that never start TLS: beyond the pending
-    // handshake cap they are closed at once, the rest after the timeout.
+    // handshake cap of one peer they are closed at once, the rest after
+    // the timeout.
     let started = std::time::Instant::now();
-    let mut flood = open(40);
-    let extra: Vec<bool> = flood[32..]
+    let mut flood = open(3 * PER_PEER);
+    let extra: Vec<bool> = flood[PER_PEER..]
         .iter_mut()
         .map(|s| closed_within(s, Duration::from_secs(2)))
         .collect();
@@ -768,7 +1227,9 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
     let log = a2.log_text();
     println!(
-        "40 silent connections: 8 over the cap closed at once, the rest after {:.1} s; shutdown with one open took {:.1} s; log: {:?}",
+        "{} silent connections: {} over the cap closed at once, the rest after {:.1} s; shutdown with one open took {:.1} s; log: {:?}",
+        3 * PER_PEER,
+        2 * PER_PEER,
         held.as_secs_f64(),
         took.as_secs_f64(),
         log.lines()
@@ -776,6 +1237,111 @@ fn silent_connections_neither_hold_the_data_port_nor_delay_shutdown() {
             .map(strip_ansi)
             .take(2)
             .collect::<Vec<_>>()
+    );
+}
+
+const PER_PEER: usize = ferry_agent::stream::admission::MAX_PENDING_PER_PEER;
+
+/// What a flood of silent connections from one address did.
+#[derive(Debug, Default)]
+struct FloodStats {
+    /// Connections opened in all.
+    opened: usize,
+    /// Of those, seen closed by the agent.
+    closed: usize,
+    /// Most held open at one time.
+    held_max: usize,
+}
+
+/// Holds `n` silent connections from `from` to `addr`, opening new ones as
+/// the agent closes them, until `stop`.
+fn flood(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    n: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicUsize>,
+) -> FloodStats {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let mut stats = FloodStats::default();
+        let mut held: Vec<tokio::net::TcpStream> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            held.retain(|s| {
+                let mut buf = [0u8; 16];
+                let open = matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                if !open {
+                    stats.closed += 1;
+                }
+                open
+            });
+            while held.len() < n {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket
+                    .bind(SocketAddr::new(from, 0))
+                    .expect("bind the flood's source address");
+                match tokio::time::timeout(Duration::from_secs(1), socket.connect(addr)).await {
+                    Ok(Ok(s)) => held.push(s),
+                    _ => break,
+                }
+                stats.opened += 1;
+            }
+            stats.held_max = stats.held_max.max(held.len());
+            if held.len() == n {
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stats
+    })
+}
+
+#[test]
+fn a_flood_from_one_address_does_not_stop_a_migration_from_another() {
+    let fleet = SecureFleet::new(Bed::require());
+    let _a1 = fleet.start_agent(1);
+    let a2 = fleet.start_agent(2);
+    let addr = fleet.data_addr("node2");
+    let source = fleet.start_counter(1);
+    // 64 silent connections from 127.0.0.50, kept up for the whole
+    // migration (node1's agent dials from 127.0.0.1).
+    let attacker: std::net::IpAddr = "127.0.0.50".parse().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flooding = {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        std::thread::spawn(move || flood(attacker, addr, 64, stop, rounds))
+    };
+    wait_for("the flood to hold 64 connections", REPLY_TIMEOUT, || {
+        (rounds.load(Ordering::Relaxed) >= 2)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    let started = std::time::Instant::now();
+    let migrated = fleet.migrate_counter(&source, 2, None);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let stats = flooding.join().expect("flood thread");
+    println!(
+        "migration under a flood of 64 silent connections from {attacker}: succeeded in {:.1} s; flood: {stats:?}; job {}",
+        took.as_secs_f64(),
+        migrated.job
+    );
+    assert!(
+        stats.closed > 64,
+        "the agent closed only {} of the flood's connections",
+        stats.closed
+    );
+    assert_eq!(stats.held_max, 64, "the flood never held 64 connections");
+    let log = a2.log_text();
+    assert!(
+        log.contains(&format!(
+            "peer {attacker} already has {PER_PEER} data connections"
+        )),
+        "{log}"
     );
 }
 

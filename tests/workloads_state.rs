@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use ferry_tests::fleet::{DevFleet, LastLogs};
+use ferry_tests::fleet::{AgentOptions, DevFleet, LastLogs};
 use ferry_tests::{
     check_counter_resumed, counter_values, parse_counter, unique_name, wait_for, Bed, CmdOutput,
     Container, Node, COUNTER_IMAGE,
@@ -525,11 +525,19 @@ fn binds_devices_and_privileged_are_refused_while_the_container_runs() {
     let bed = Bed::require();
     let left = Leftovers::new(&bed);
     let fleet = DevFleet::new(bed);
-    let _a1 = fleet.start_agent(1);
-    let _a2 = fleet.start_agent(2);
-    let (n1, n2) = (fleet.node(1), fleet.node(2));
     let host_dir = left.temp_dir("bind");
     let bind = format!("{}:/bound", host_dir.display());
+    let _a1 = fleet.start_agent(1);
+    // The target's own policy must allow the path too.
+    let allowed = host_dir.display().to_string();
+    let _a2 = fleet.start_agent_with(
+        2,
+        AgentOptions {
+            extra: &["--allow-bind", &allowed],
+            ..AgentOptions::default()
+        },
+    );
+    let (n1, n2) = (fleet.node(1), fleet.node(2));
 
     let cases: [(&str, Vec<&str>, Option<Value>, &str); 4] = [
         ("bind mount", vec!["-v", &bind], None, "HostConfig.Binds"),

@@ -95,6 +95,12 @@ pub struct AgentSettings {
     /// This node's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// The fleet manager's public order key (PEM, `order.pub` from `ferry certs`): only jobs it signed are run. Without it any well-formed job is (development only).
+    #[arg(long)]
+    pub order_key: Option<PathBuf>,
+    /// The fleet CA's revocation list (PEM, `ferry certs` writes crl.pem): the data port refuses the certificates it lists; reloaded on SIGHUP.
+    #[arg(long)]
+    pub tls_crl: Option<PathBuf>,
     /// Allow plain TCP for MQTT and the data port when no TLS files are given (development only).
     #[arg(long)]
     #[serde(default)]
@@ -117,6 +123,17 @@ pub struct AgentSettings {
     /// The CRIU configuration file runc hands CRIU on this node (default /etc/criu/runc.conf).
     #[arg(long)]
     pub criu_config: Option<PathBuf>,
+    /// Most memory, in bytes, this node offers incoming containers: its status's free_mem never says more (default: all the kernel reports available).
+    #[arg(long)]
+    pub offer_memory: Option<u64>,
+    /// A host folder incoming containers may bind-mount (and all below it); repeatable. Default: none.
+    #[arg(long = "allow-bind", value_name = "PATH")]
+    #[serde(default)]
+    pub allow_bind: Vec<PathBuf>,
+    /// A capability incoming containers may add (NET_ADMIN, ...); repeatable. Default: none.
+    #[arg(long = "allow-cap", value_name = "CAP")]
+    #[serde(default)]
+    pub allow_cap: Vec<String>,
 }
 
 impl AgentSettings {
@@ -145,6 +162,8 @@ impl AgentSettings {
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            order_key: self.order_key.or(file.order_key),
+            tls_crl: self.tls_crl.or(file.tls_crl),
             insecure: self.insecure || file.insecure,
             drain_timeout_secs: self.drain_timeout_secs.or(file.drain_timeout_secs),
             checkpoint_with: self.checkpoint_with.or(file.checkpoint_with),
@@ -152,6 +171,17 @@ impl AgentSettings {
             runc_path: self.runc_path.or(file.runc_path),
             criu_path: self.criu_path.or(file.criu_path),
             criu_config: self.criu_config.or(file.criu_config),
+            offer_memory: self.offer_memory.or(file.offer_memory),
+            allow_bind: if self.allow_bind.is_empty() {
+                file.allow_bind
+            } else {
+                self.allow_bind
+            },
+            allow_cap: if self.allow_cap.is_empty() {
+                file.allow_cap
+            } else {
+                self.allow_cap
+            },
         }
     }
 
@@ -254,7 +284,47 @@ impl AgentSettings {
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         absolute("state_dir", &state_dir)?;
+        if let Some(key) = &self.order_key {
+            absolute("order_key", key)?;
+        }
+        for path in &self.allow_bind {
+            absolute("allow_bind", path)?;
+            if path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(invalid(
+                    "allow_bind",
+                    format!("{} must not contain ..", path.display()),
+                ));
+            }
+        }
+        let mut allow_cap = Vec::new();
+        for cap in &self.allow_cap {
+            let name = crate::runtime::admission::cap_name(cap);
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                return Err(invalid(
+                    "allow_cap",
+                    format!("{cap:?} is not a capability name such as NET_ADMIN"),
+                ));
+            }
+            allow_cap.push(name);
+        }
+        if self.tls_crl.is_some() && tls.is_none() {
+            return Err(invalid(
+                "tls_crl",
+                "a CRL needs tls_ca, tls_cert and tls_key",
+            ));
+        }
+        let policy = crate::runtime::admission::HostPolicy {
+            allow_bind: self.allow_bind,
+            allow_cap,
+        };
         Ok(AgentConfig {
+            offer_memory: self.offer_memory,
+            order_key: self.order_key,
+            policy,
+            tls_crl: self.tls_crl,
             runc,
             criu_config,
             node_id,
@@ -292,12 +362,20 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub topics: Topics,
     pub tls: Option<crate::stream::tls::TlsFiles>,
+    /// The manager's public order key; `None`: unsigned jobs are accepted.
+    pub order_key: Option<PathBuf>,
     pub insecure: bool,
     pub drain_timeout: Duration,
     /// How checkpoints reach runc; `None`: through the engine's own call.
     pub runc: Option<RuncSettings>,
     /// The CRIU configuration file runc hands CRIU here.
     pub criu_config: PathBuf,
+    /// Caps the memory the node status offers (placement reads it).
+    pub offer_memory: Option<u64>,
+    /// What incoming containers may use here.
+    pub policy: crate::runtime::admission::HostPolicy,
+    /// Certificates the data port refuses (a CRL of the fleet CA).
+    pub tls_crl: Option<PathBuf>,
 }
 
 fn absolute(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -412,6 +490,22 @@ mod tests {
     }
 
     #[test]
+    fn the_target_policy_is_strict_unless_configured() {
+        let c = minimal().validate().unwrap();
+        assert_eq!(c.policy, Default::default());
+        let file: AgentSettings =
+            toml::from_str("allow_bind = [\"/srv/ferry\"]\nallow_cap = [\"cap_net_admin\"]")
+                .unwrap();
+        let c = AgentSettings::default()
+            .over(file)
+            .over(minimal())
+            .validate()
+            .unwrap();
+        assert_eq!(c.policy.allow_bind, vec![PathBuf::from("/srv/ferry")]);
+        assert_eq!(c.policy.allow_cap, vec!["NET_ADMIN".to_string()]);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases: Vec<(AgentSettings, &str)> = vec![
             (
@@ -493,6 +587,34 @@ mod tests {
             ),
             (
                 AgentSettings {
+                    allow_bind: vec!["/srv/../etc".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_bind: vec!["srv".into()],
+                    ..minimal()
+                },
+                "allow_bind",
+            ),
+            (
+                AgentSettings {
+                    allow_cap: vec!["net admin".into()],
+                    ..minimal()
+                },
+                "allow_cap",
+            ),
+            (
+                AgentSettings {
+                    tls_crl: Some("/etc/ferry/crl.pem".into()),
+                    ..minimal()
+                },
+                "tls_crl",
+            ),
+            (
+                AgentSettings {
                     runc_path: Some("bin/runc".into()),
                     ..minimal()
                 },
@@ -518,6 +640,13 @@ mod tests {
                     ..minimal()
                 },
                 "state_dir",
+            ),
+            (
+                AgentSettings {
+                    order_key: Some("order.pub".into()),
+                    ..minimal()
+                },
+                "order_key",
             ),
         ];
         for (settings, field) in cases {

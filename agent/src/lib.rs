@@ -8,7 +8,8 @@
 //! - [`migration`]: the sans-I/O migration state machine and the drivers that act on it.
 //! - [`cli`]: the fleet manager's commands (migrate, nodes, watch, certs).
 //! - [`agent`]: `ferry agent`, the service that ties these together on a device.
-//! - [`certs`]: a development fleet PKI.
+//! - [`certs`]: a development fleet PKI, and the manager's order signing key.
+//! - [`order`]: signed orders: the manager signs jobs, agents verify them.
 //! - [`systemd`]: sd_notify (READY, watchdog, STOPPING) for the systemd unit.
 
 pub mod agent;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod migration;
 pub mod mqtt;
+pub mod order;
 pub mod runtime;
 pub mod stream;
 pub mod sysinfo;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_agent::cli::{self, BrokerArgs, MigrateArgs};
+use ferry_agent::cli::{self, BrokerArgs, EvacuateArgs, MigrateArgs, SignArgs};
 use ferry_agent::config::AgentSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -31,10 +31,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: AgentSettings,
+        settings: Box<AgentSettings>,
     },
     /// Publish a migrate job and follow it until it ends.
     Migrate(MigrateArgs),
+    /// Move every labelled container off a node, one at a time, each to a node it fits.
+    Evacuate(EvacuateArgs),
     /// List the nodes' statuses.
     Nodes(BrokerArgs),
     /// Follow job statuses as they change.
@@ -44,13 +46,27 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Create a development fleet CA and certificates for a broker, nodes and a manager.
+    /// Sign a job for a script: reads the job JSON on stdin, prints the envelope to publish on {root}/{node}/jobs/{job-id}.
+    Sign {
+        /// The node the job is for (the topic's node).
+        #[arg(long)]
+        node: String,
+        /// The job id (the topic's last level).
+        #[arg(long)]
+        job_id: String,
+        #[command(flatten)]
+        signing: SignArgs,
+    },
+    /// Create a fleet CA, a manager CA, certificates for a broker, nodes and a manager, and the manager's order signing key; or revoke a node's certificate.
     Certs {
         #[arg(long)]
         out: PathBuf,
         /// Node ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "revoke")]
         nodes: Vec<String>,
+        /// Revoke this node's certificate (OUT/NODE.pem): add it to OUT/crl.pem, which mosquitto's crlfile and the agents' tls_crl read.
+        #[arg(long, value_name = "NODE", conflicts_with = "nodes")]
+        revoke: Option<String>,
         #[arg(long, default_value = ferry_agent::certs::DEFAULT_MANAGER)]
         manager: String,
         /// Broker host names and IPs for its certificate, comma-separated.
@@ -110,16 +126,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             cli::migrate(args).await?;
         }
+        Command::Evacuate(args) => {
+            cli::evacuate(args).await?;
+        }
         Command::Nodes(broker) => {
             cli::nodes(broker).await?;
         }
         Command::Watch { job, broker } => cli::watch(broker, job).await?,
+        Command::Sign {
+            node,
+            job_id,
+            signing,
+        } => {
+            let mut job = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut job)
+                .context("reading the job from standard input")?;
+            println!("{}", cli::sign(&signing, &node, &job_id, &job)?);
+        }
+        Command::Certs {
+            out,
+            revoke: Some(node),
+            ..
+        } => {
+            let serial = ferry_agent::certs::revoke(&out, &node)?;
+            println!(
+                "revoked {node} (serial {serial}) in {}; copy it to the nodes and send their agents SIGHUP, and restart the broker",
+                out.join(ferry_agent::certs::CRL_FILE).display()
+            );
+        }
         Command::Certs {
             out,
             nodes,
             manager,
             broker_hosts,
             days,
+            revoke: None,
         } => {
             ferry_agent::certs::generate(
                 &out,
@@ -130,7 +171,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     days,
                 },
             )?;
-            println!("wrote the fleet CA and certificates to {}", out.display());
+            println!(
+                "wrote the fleet CA, certificates and the order key ({}, for the agents: {}) to {}",
+                ferry_agent::order::ORDER_KEY_FILE,
+                ferry_agent::order::ORDER_PUB_FILE,
+                out.display()
+            );
         }
     }
     Ok(())

@@ -115,14 +115,18 @@ pub enum Who<'a> {
     NoCert,
 }
 
-/// The production broker configuration, on a free loopback port.
+/// The production broker configuration, on free loopback ports.
 pub struct TlsBroker {
+    /// The nodes' listener (fleet CA, client id = certificate CN).
     pub port: u16,
+    /// The manager's listener (the manager's CA alone, any client id).
+    pub manager_port: u16,
     /// The fleet PKI (`ferry certs` output: ca.pem, broker.*, node1.*, ...).
     pub certs: PathBuf,
     /// Same names, another CA.
     pub rogue: PathBuf,
     pub log: PathBuf,
+    dir: PathBuf,
     child: Child,
 }
 
@@ -130,12 +134,14 @@ impl Broker for TlsBroker {
     fn start(bed: &Bed, dir: &Path, certs: &Path) -> TlsBroker {
         let rogue = dir.join("rogue");
         ferry_certs(&rogue, &bed.nodes);
-        let (child, port, log) = start_mosquitto(dir, certs);
+        let (child, (port, manager_port), log) = start_mosquitto(dir, certs);
         TlsBroker {
             port,
+            manager_port,
             certs: certs.to_path_buf(),
             rogue,
             log,
+            dir: dir.to_path_buf(),
             child,
         }
     }
@@ -158,9 +164,25 @@ impl Broker for TlsBroker {
 }
 
 impl TlsBroker {
-    /// `mosquitto_pub` or `mosquitto_sub` connected as `who`.
+    /// Where the manager's commands connect: the listener that trusts the
+    /// manager's CA.
+    pub fn manager_url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.manager_port)
+    }
+
+    /// `mosquitto_pub` or `mosquitto_sub` connected as `who`, on the
+    /// manager's listener for the `manager` name, else on the nodes'.
     pub fn client_as(&self, tool: &str, who: Who) -> Command {
-        let mut c = line_buffered(tool, "127.0.0.1", &self.port.to_string());
+        let port = match who {
+            Who::Fleet("manager") | Who::Rogue("manager") => self.manager_port,
+            _ => self.port,
+        };
+        self.client_on(tool, who, port)
+    }
+
+    /// `mosquitto_pub` or `mosquitto_sub` connected as `who` to `port`.
+    pub fn client_on(&self, tool: &str, who: Who, port: u16) -> Command {
+        let mut c = line_buffered(tool, "127.0.0.1", &port.to_string());
         c.arg("--cafile").arg(self.certs.join("ca.pem"));
         let identity = match who {
             Who::Fleet(name) => Some((&self.certs, name)),
@@ -179,6 +201,15 @@ impl TlsBroker {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Stops the broker and starts it again from the same files (it reads
+    /// its CRL only at start), on new ports; agents started before it
+    /// still dial the old ones.
+    pub fn restart(&mut self) {
+        stop_child(&mut self.child, "mosquitto");
+        let (child, (port, manager_port), log) = start_mosquitto(&self.dir, &self.certs);
+        (self.child, self.port, self.manager_port, self.log) = (child, port, manager_port, log);
+    }
 }
 
 impl Drop for TlsBroker {
@@ -190,11 +221,16 @@ impl Drop for TlsBroker {
     }
 }
 
-/// Directives of the production file that name local paths, the port or
-/// the log destination, and what they become here. Every one of them must
-/// be in the production file (so the test notices when it changes); `None`
-/// drops the line.
-fn overrides(dir: &Path, certs: &Path, port: u16) -> Vec<(&'static str, Option<String>)> {
+/// Directives of the production file that name local paths, the ports or
+/// the log destination, and what they become here, in the order the file
+/// has them (the nodes' listener, then the manager's). Every one of them
+/// must be in the production file as often as it is here (so the test
+/// notices when it changes); `None` drops the line.
+fn overrides(
+    dir: &Path,
+    certs: &Path,
+    (port, manager_port): (u16, u16),
+) -> Vec<(&'static str, Option<String>)> {
     let p = |path: PathBuf| Some(path.display().to_string());
     vec![
         ("pid_file", None),
@@ -207,17 +243,24 @@ fn overrides(dir: &Path, certs: &Path, port: u16) -> Vec<(&'static str, Option<S
         ("cafile", p(certs.join("ca.pem"))),
         ("certfile", p(certs.join("broker.pem"))),
         ("keyfile", p(certs.join("broker.key"))),
+        ("crlfile", p(certs.join("crl.pem"))),
+        ("listener", Some(format!("{manager_port} 127.0.0.1"))),
+        ("cafile", p(certs.join("manager-ca.pem"))),
+        ("certfile", p(certs.join("broker.pem"))),
+        ("keyfile", p(certs.join("broker.key"))),
         ("log_dest", Some("stderr".into())),
     ]
 }
 
-/// The production configuration with [`overrides`] applied.
+/// The production configuration with [`overrides`] applied: the n-th line
+/// of a directive takes its n-th override.
 pub fn render_config(text: &str, overrides: &[(&str, Option<String>)]) -> String {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut out = String::new();
     for line in text.lines() {
         let key = line.split_whitespace().next().unwrap_or("");
-        match overrides.iter().find(|(k, _)| *k == key) {
+        let n = seen.get(key).copied().unwrap_or(0);
+        match overrides.iter().filter(|(k, _)| *k == key).nth(n) {
             Some((k, value)) => {
                 *seen.entry(k).or_default() += 1;
                 if let Some(v) = value {
@@ -225,16 +268,20 @@ pub fn render_config(text: &str, overrides: &[(&str, Option<String>)]) -> String
                 }
             }
             None => {
+                if overrides.iter().any(|(k, _)| *k == key) {
+                    *seen.entry(key).or_default() += 1;
+                }
                 out.push_str(line);
                 out.push('\n');
             }
         }
     }
     for (k, _) in overrides {
+        let want = overrides.iter().filter(|(o, _)| o == k).count();
         assert_eq!(
             seen.get(k).copied().unwrap_or(0),
-            1,
-            "broker-config/mosquitto.conf should set {k} exactly once"
+            want,
+            "broker-config/mosquitto.conf should set {k} {want} time(s)"
         );
     }
     out
@@ -257,7 +304,7 @@ fn chown_to_mosquitto(path: &Path) {
 /// Starts mosquitto from the production files on a free loopback port.
 /// As in production, the broker key and its state folder belong to the
 /// `mosquitto` user the broker drops to.
-fn start_mosquitto(fleet_dir: &Path, certs: &Path) -> (Child, u16, PathBuf) {
+fn start_mosquitto(fleet_dir: &Path, certs: &Path) -> (Child, (u16, u16), PathBuf) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let conf = std::fs::read_to_string(repo.join("broker-config/mosquitto.conf"))
         .expect("read broker-config/mosquitto.conf");
@@ -269,12 +316,16 @@ fn start_mosquitto(fleet_dir: &Path, certs: &Path) -> (Child, u16, PathBuf) {
     let log = dir.join("mosquitto.log");
     let mut last = String::new();
     for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("find a free port")
-            .port();
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("find a free port")
+                .port()
+        };
+        let ports = (free(), free());
+        let port = ports.0;
         let path = dir.join("mosquitto.conf");
-        std::fs::write(&path, render_config(&conf, &overrides(&dir, certs, port)))
+        std::fs::write(&path, render_config(&conf, &overrides(&dir, certs, ports)))
             .expect("write the broker config");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -295,8 +346,11 @@ fn start_mosquitto(fleet_dir: &Path, certs: &Path) -> (Child, u16, PathBuf) {
                 break;
             }
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains(" running") && TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (child, port, log);
+            if text.contains(" running")
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", ports.1)).is_ok()
+            {
+                return (child, ports, log);
             }
             thread::sleep(Duration::from_millis(50));
         }

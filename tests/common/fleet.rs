@@ -144,6 +144,9 @@ pub struct AgentOptions<'a> {
     /// Another work dir (staging) than the node's default one in the fleet
     /// dir; the state dir (the job ledger) stays the node's.
     pub work_dir: Option<&'a Path>,
+    /// Another CRIU for the agent's runc checkpoints than the node's
+    /// wrapper (e.g. one that is slow on purpose).
+    pub criu_path: Option<&'a Path>,
 }
 
 impl<B: Broker> Fleet<B> {
@@ -215,7 +218,10 @@ impl<B: Broker> Fleet<B> {
             .arg("--docker-exec-root")
             .arg(&node.exec_root)
             .arg("--criu-path")
-            .arg(node.dir.join("bin/criu"))
+            .arg(
+                opts.criu_path
+                    .map_or_else(|| node.dir.join("bin/criu"), Path::to_path_buf),
+            )
             .arg("--criu-config")
             .arg(node.dir.join("criu.conf"))
             .args(["--listen", &listen.to_string()])
@@ -609,6 +615,12 @@ impl Fleet<TlsBroker> {
     /// subscription, or the connection failed (see [`Subscriber::subscribed`]).
     pub fn subscribe_as(&self, who: Who, filters: &[&str]) -> Subscriber {
         Subscriber::start(self.broker.client_as("mosquitto_sub", who), filters)
+    }
+
+    /// A subscriber from a `mosquitto_sub` command the test set up itself
+    /// (another listener, a client id of its choice).
+    pub fn subscribe_with(&self, mosquitto_sub: Command, filters: &[&str]) -> Subscriber {
+        Subscriber::start(mosquitto_sub, filters)
     }
 
     pub fn broker_log_text(&self) -> String {

@@ -720,6 +720,9 @@ pub struct MemhogLog {
     pub ready: Option<(u64, String)>,
     /// `tick N checksum HEX`, in order.
     pub ticks: Vec<(u64, String)>,
+    /// `memhog SIZE PERCENT`: the rewrite count of each tick line (`tick N
+    /// rewrites R checksum HEX`), in order.
+    pub rewrites: Vec<u64>,
     /// `mismatch at page P`
     pub mismatch: Option<u64>,
 }
@@ -747,6 +750,10 @@ pub fn parse_memhog(logs: &str) -> Result<MemhogLog, String> {
         match words.as_slice() {
             ["ready", mib, "checksum", sum] => log.ready = Some((num(mib)?, sum.to_string())),
             ["tick", n, "checksum", sum] => log.ticks.push((num(n)?, sum.to_string())),
+            ["tick", n, "rewrites", r, "checksum", sum] => {
+                log.ticks.push((num(n)?, sum.to_string()));
+                log.rewrites.push(num(r)?);
+            }
             ["mismatch", "at", "page", p] => log.mismatch = Some(num(p)?),
             _ => return Err(format!("memhog printed {line:?}")),
         }

@@ -65,6 +65,14 @@ pub enum CheckError {
         free: u64,
         estimate: u64,
     },
+    #[error("{node} offers {free} bytes of memory for a container using {need} bytes")]
+    NoMemory { node: String, free: u64, need: u64 },
+    #[error("{node} has {free} bytes free for staging a checkpoint of about {need} bytes")]
+    NoStaging { node: String, free: u64, need: u64 },
+    #[error("no candidate node fits: {}", describe_excluded(.excluded))]
+    NoPlace {
+        excluded: std::collections::BTreeMap<String, String>,
+    },
     #[error(transparent)]
     InvalidId(#[from] ContractError),
     #[error("job is for node {target_node}, this is {node}")]
@@ -97,6 +105,11 @@ pub enum CheckError {
         container: String,
         refusal: crate::runtime::sockets::TcpRefusal,
     },
+    #[error("{node} does not allow this container: {refusal}")]
+    NotAllowed {
+        node: String,
+        refusal: crate::runtime::mounts::MountRefusal,
+    },
     #[error("stream for job {job_id} from {source_node} does not match the prepared job {expected_job} from {expected_source}")]
     StreamMismatch {
         job_id: String,
@@ -104,6 +117,17 @@ pub enum CheckError {
         expected_job: String,
         expected_source: String,
     },
+}
+
+fn describe_excluded(excluded: &std::collections::BTreeMap<String, String>) -> String {
+    if excluded.is_empty() {
+        return "no other node is known".into();
+    }
+    excluded
+        .iter()
+        .map(|(node, why)| format!("{node}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What decides whether a checkpoint taken on one node restores on another.
@@ -307,6 +331,26 @@ pub fn prepare_identity(
         });
     }
     Ok(())
+}
+
+/// This node's own policy allows the container the `Prepare` asks for: its
+/// create body and the volumes of its state plan.
+pub fn allowed(
+    prepare: &Prepare,
+    here: &str,
+    policy: &crate::runtime::admission::HostPolicy,
+) -> Result<(), CheckError> {
+    let volumes = prepare
+        .state
+        .as_ref()
+        .map(|s| s.volumes.as_slice())
+        .unwrap_or_default();
+    policy
+        .admit(&prepare.spec, volumes)
+        .map_err(|refusal| CheckError::NotAllowed {
+            node: here.to_owned(),
+            refusal,
+        })
 }
 
 /// The image the container needs is on this node.

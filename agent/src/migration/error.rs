@@ -86,12 +86,33 @@ pub enum MigrationError {
     CheckpointDir(RuntimeError),
     #[error("transfer to {target}: {source}")]
     Transfer { target: String, source: StreamError },
+    #[error("pre-copy round {round}: dump of the running container: {source}")]
+    PreCopyDump {
+        round: usize,
+        source: Box<RuntimeError>,
+    },
+    #[error("pre-copy round {round} to {target}: {source}")]
+    PreCopySend {
+        round: usize,
+        target: String,
+        source: StreamError,
+    },
+    #[error("pre-copy: {0}")]
+    PreCopy(#[from] super::precopy::PreCopyError),
+    #[error("pre-copy: {0}")]
+    PreCopyTask(tokio::task::JoinError),
     #[error("restore: target did not answer in time")]
     RestoreTimeout,
     #[error("restore: {0}")]
     AwaitRestore(ProtocolError),
     #[error("restore on target failed: {reason}")]
     RestoreFailedOnTarget { reason: String },
+    #[error("target {target} failed during the {phase}: {reason}")]
+    TargetFailedEarly {
+        target: String,
+        phase: &'static str,
+        reason: String,
+    },
     #[error("restore: unexpected answer {answer}")]
     UnexpectedRestoreAnswer { answer: String },
     #[error("canceled by request")]
@@ -126,6 +147,9 @@ pub enum MigrationError {
     RemoveVolumes(Box<StateError>),
 
     // --- target
+    /// The signed order does not allow what the prepare asks.
+    #[error("order: {0}")]
+    Order(#[from] crate::order::OrderError),
     #[error("bad prepare: {0}")]
     BadPrepare(ProtocolError),
     #[error("expected prepare as the first message")]
@@ -162,6 +186,16 @@ pub enum MigrationError {
     ApplyState(Box<StateError>),
     #[error("receive: {0}")]
     Receive(StreamError),
+    #[error("receive: the stream named {got}, expected {expected}")]
+    UnexpectedStream { got: String, expected: String },
+    #[error("target agent stopping")]
+    TargetStopping,
+    #[error("source silent for {silent_s} s while at its {phase} (no progress)")]
+    SourceSilent { phase: String, silent_s: u64 },
+    #[error("waiting for the stream: {0}")]
+    AwaitStream(ProtocolError),
+    #[error("expected progress or the stream, got {answer}")]
+    UnexpectedBeforeStream { answer: String },
     #[error("restore: {0}")]
     Restore(RuntimeError),
     #[error("restore: cannot place images in {}: {source}", dir.display())]

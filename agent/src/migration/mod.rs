@@ -3,8 +3,11 @@
 //! - [`machine`]: the source's and the target's state machines (what to do
 //!   next, when to roll back, what to report), without I/O.
 //! - [`check`]: the pure checks: compatibility, readiness, identity, room.
+//! - [`placement`]: which node a job for `"auto"` or a list goes to.
 //! - [`gate`]: the point of no return, settled against a cancel in one place.
 //! - [`registry`]: the jobs running on this node and the peers' statuses.
+//! - [`precopy`]: rounds of page deltas while the container runs, and
+//!   when to stop them.
 //! - [`protocol`]: the control conversation between the two agents.
 //! - [`journal`]: in-flight jobs on disk; [`recovery`]: what to do with
 //!   them after a restart (a pure decision table).
@@ -18,6 +21,8 @@ pub mod gate;
 pub mod journal;
 pub mod machine;
 pub mod node;
+pub mod placement;
+pub mod precopy;
 pub mod protocol;
 pub mod recovery;
 pub mod registry;

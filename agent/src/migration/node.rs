@@ -59,6 +59,10 @@ pub struct Timeouts {
     pub prepare_wait: Duration,
     /// The source answers `Restored` with `Commit` at once.
     pub commit_wait: Duration,
+    /// Between `Prepared` and the stream, the longest silence from a source
+    /// that checkpoints (it says `Progress` every
+    /// [`KEEPALIVE_EVERY`](super::protocol::KEEPALIVE_EVERY)).
+    pub source_silence: Duration,
     /// How long a restored container must stay up before it counts as running.
     pub settle: Duration,
 }
@@ -73,6 +77,7 @@ impl Default for Timeouts {
             progress_every: Duration::from_millis(500),
             prepare_wait: Duration::from_secs(30),
             commit_wait: Duration::from_secs(60),
+            source_silence: Duration::from_secs(60),
             settle: Duration::from_millis(500),
         }
     }
@@ -99,6 +104,11 @@ pub struct Node<E> {
     /// drivers, which then behave as before the journal (a target removes
     /// its copy when the connection ends before `Commit`).
     pub journal: Option<super::journal::Journal>,
+    /// Whether orders must be signed by the manager, and the target's
+    /// ledger of the signed incoming jobs it accepted.
+    pub orders: crate::order::Orders,
+    /// What an incoming container may use on this node.
+    pub policy: crate::runtime::admission::HostPolicy,
 }
 
 impl<E> Node<E> {
@@ -167,7 +177,8 @@ impl Reporter for MqttReporter {
 
 /// TCP, then mutual TLS unless the agent runs `--insecure` without TLS files.
 pub struct TcpDialer {
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Replaced on SIGHUP (see [`crate::stream::tls::Current`]).
+    pub tls: Option<Arc<crate::stream::tls::Current<rustls::ClientConfig>>>,
     pub connect_timeout: Duration,
 }
 
@@ -201,7 +212,7 @@ impl TcpDialer {
                 source,
             }
         })?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        let stream = tokio_rustls::TlsConnector::from(tls.get())
             .connect(name, tcp)
             .await
             .map_err(|source| MigrationError::Handshake {

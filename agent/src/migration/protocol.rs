@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! source                                 target
-//!   Prepare{job, spec, state, estimate} ->  precheck; has the image?
+//!   Prepare{job, spec, state, estimate,
+//!           the signed order}        ->  the order checked; precheck; has the image?
 //!                                 <-      SendImage{have}      (only if not)
 //!   (the image stream)            ->      load it              (only if asked)
 //!                                         tag the image, create the volumes
 //!                                         and the container
 //!                                 <-      Prepared | Refused{reason}
-//!   (checkpoint, then the stream)  ->      verify, unpack, apply files and
+//!   Progress{phase, bytes} ...    ->      (every few seconds while the
+//!                                         source checkpoints and packs)
+//!   Sending                       ->      the stream follows at once
+//!   (the stream)                  ->      verify, unpack, apply files and
 //!                                         volumes
 //!                                 <-      Restored | Failed{reason}
 //!   Commit                        ->      keep the container
@@ -17,7 +21,11 @@
 //! ```
 //! If the connection ends before `Commit`, the target removes what it
 //! created (container, volumes): the source then still holds (or restores)
-//! the original. The image stream is a second `stream::wire` transfer on
+//! the original. A target that stops (its agent drains) before `Restored`
+//! says `Failed{reason}` (or a refusing stream verdict once the stream
+//! began) and removes what it created; the source rolls back. While the
+//! source checkpoints, the target waits only as long as `Progress` keeps
+//! coming: a checkpoint may take minutes, a silent source is gone. The image stream is a second `stream::wire` transfer on
 //! the same connection, so it has the checkpoint's rate limit and TLS; it
 //! runs while the container still runs.
 //! Messages are JSON, each behind a u32 big-endian length.
@@ -38,6 +46,14 @@ pub use crate::stream::wire::MAX_MESSAGE;
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToTarget {
     Prepare(Box<Prepare>),
+    /// Keepalive between `Prepared` and the stream: the source is still at
+    /// `phase` (`checkpoint`, `pack`), `bytes` written so far if known.
+    Progress {
+        phase: String,
+        bytes: u64,
+    },
+    /// The checkpoint stream (`stream::wire`) follows this message.
+    Sending,
     Commit,
     /// Recovery, first message on a new connection from the job's source:
     /// what does the target hold for `job_id`? Answer: `Holding`.
@@ -51,6 +67,10 @@ pub enum ToTarget {
         job_id: String,
     },
 }
+
+/// How often the source says `Progress` while the target waits for the
+/// stream.
+pub const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The source's request to receive a container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +91,14 @@ pub struct Prepare {
     /// The source engine's view, checked again by the target.
     pub arch: String,
     pub page_size: u64,
+    /// The container's full id on the source: a signed order may name the
+    /// container by id.
+    #[serde(default)]
+    pub container_id: String,
+    /// The manager's signed order for this job, as the source received it;
+    /// a target with the manager's key checks it itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<crate::mqtt::contract::Envelope>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

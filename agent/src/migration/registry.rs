@@ -253,6 +253,17 @@ impl JobRegistry {
         }
     }
 
+    /// The start of a drain: incoming jobs stop now (each before `Restored`
+    /// fails, tells its source and removes what it created; one past it
+    /// waits for the commit).
+    pub fn cancel_incoming(&self) {
+        for entry in inner(&self.jobs).entries.values() {
+            if entry.role == Role::Target {
+                let _ = entry.gate.try_cancel();
+            }
+        }
+    }
+
     /// The start of a drain: jobs still in line never start.
     pub fn cancel_queued(&self) {
         let i = inner(&self.jobs);
@@ -319,6 +330,16 @@ impl Peers {
 
     pub fn get(&self, node: &str) -> Option<NodeStatus> {
         lock(&self.statuses).get(node).cloned()
+    }
+
+    /// Every node with a status seen, by name.
+    pub fn all(&self) -> Vec<(String, NodeStatus)> {
+        let mut all: Vec<_> = lock(&self.statuses)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Waits up to `wait` for a first status of `node`.

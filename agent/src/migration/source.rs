@@ -3,8 +3,9 @@
 //! the job's status. Cancels reach it through the job's [`CommitGate`].
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::models::RestartPolicy;
 use tokio::sync::watch;
@@ -14,14 +15,17 @@ use super::check::{self, CheckError};
 use super::gate::CommitGate;
 use super::journal::{Entry, Phase};
 use super::machine::{Outcome, SourceMachine, Step};
+use super::precopy::{self, Next};
 use super::protocol::{self, Prepare, ToSource, ToTarget};
 use super::{checkpoint_name, now_ms, Conn, JobGuard, MigrationError, Node, Unconfirmed};
-use crate::mqtt::contract::{JobStatus, Role};
+use crate::mqtt::contract::{JobStatus, PreCopyMode, PreCopyReport, PreCopyRound, Role};
 use crate::runtime::mounts::BindMounts;
 use crate::runtime::state::{self, StatePlan};
 use crate::runtime::{
-    networks, sockets, volumes, CheckpointOptions, Container, Engine, TcpDump, TcpMode,
+    networks, sockets, volumes, CheckpointOptions, Container, Engine, RuntimeError, TcpDump,
+    TcpMode,
 };
+use crate::stream::delta::Known;
 use crate::stream::wire::{self, Progress, SendOptions, TransferHeader};
 
 /// A migrate job as accepted from MQTT.
@@ -36,6 +40,13 @@ pub struct MigrateJob {
     pub tcp: TcpMode,
     /// Whether the container's bind mounts exist on the target as here.
     pub bind_mounts: BindMounts,
+    /// A placed job: why each other candidate was not chosen.
+    pub excluded: std::collections::BTreeMap<String, String>,
+    /// A child of an evacuation: the evacuation's job id.
+    pub parent: Option<String>,
+    /// The manager's signed order, passed on to the target in `Prepare`.
+    pub order: Option<crate::mqtt::contract::Envelope>,
+    pub precopy: PreCopyMode,
 }
 
 /// The file an exported image travels as, in its own folder.
@@ -79,7 +90,7 @@ async fn tcp_plan<E: Engine>(
 
 /// The status a source publishes for `job` before anything has happened.
 pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
-    JobStatus::new(
+    let mut status = JobStatus::new(
         &job.job_id,
         node_id,
         Role::Source,
@@ -87,7 +98,10 @@ pub fn first_status(node_id: &str, job: &MigrateJob) -> JobStatus {
         node_id,
         &job.target,
         now_ms(),
-    )
+    );
+    status.excluded = job.excluded.clone();
+    status.parent = job.parent.clone();
+    status
 }
 
 /// Runs the job to its final state; `guard` keeps it registered meanwhile.
@@ -115,6 +129,7 @@ pub async fn run<E: Engine>(node: Arc<Node<E>>, job: MigrateJob, guard: JobGuard
         restored: false,
         confirmed: false,
         journaled: false,
+        known: None,
     };
     loop {
         node.publish_job(machine.status()).await;
@@ -169,13 +184,18 @@ struct Driver<'a, E> {
     confirmed: bool,
     /// The job has a journal record.
     journaled: bool,
+    /// The block hashes the target holds after pre-copy: the final dump
+    /// goes as deltas against them.
+    known: Option<Known>,
 }
 
 impl<E: Engine> Driver<'_, E> {
     /// Journals the phase `step` enters, if it changes, before it runs.
     async fn journal(&mut self, entry: &mut Entry, step: Step) -> Result<(), MigrationError> {
         let phase = match step {
-            Step::Precheck | Step::PrepareTarget | Step::SendImage => Phase::Started,
+            Step::Precheck | Step::PrepareTarget | Step::SendImage | Step::PreCopy => {
+                Phase::Started
+            }
             Step::PausePolicy => Phase::PolicyPaused,
             Step::Checkpoint | Step::PackState => Phase::Checkpointing,
             Step::Transfer => Phase::Transferring,
@@ -227,11 +247,14 @@ impl<E: Engine> Driver<'_, E> {
                 _ = gate.canceled() => return Outcome::Canceled,
                 r = self.send_image(machine) => r,
             },
+            // A cancel stops it between dumps and during a send, never in
+            // the middle of a dump (CRIU has the container frozen then).
+            Step::PreCopy => self.precopy(machine).await,
             // Not interruptible: a cancel is honoured once it returns.
             Step::PausePolicy => self.pause_policy().await,
             // Not interruptible: the engine finishes the call regardless.
-            Step::Checkpoint => self.checkpoint(machine).await,
-            Step::PackState => self.pack_state(machine).await,
+            // The target hears `Progress` meanwhile, and may say it fails.
+            Step::Checkpoint | Step::PackState => self.idle_step(step, machine).await,
             Step::Transfer => tokio::select! {
                 biased;
                 _ = gate.canceled() => return Outcome::Canceled,
@@ -266,6 +289,7 @@ impl<E: Engine> Driver<'_, E> {
             Step::Precheck
                 | Step::PrepareTarget
                 | Step::SendImage
+                | Step::PreCopy
                 | Step::PausePolicy
                 | Step::Checkpoint
                 | Step::PackState
@@ -378,6 +402,8 @@ impl<E: Engine> Driver<'_, E> {
             estimate_bytes: self.estimate,
             arch: node.engine_info.arch.clone(),
             page_size: node.page_size,
+            container_id: self.container()?.id.clone(),
+            order: job.order.clone(),
         }));
         let mut conn = node.dialer.dial(&job.target, &addr).await?;
         let failed = |source| MigrationError::Prepare {
@@ -496,6 +522,152 @@ impl<E: Engine> Driver<'_, E> {
         Ok(report.bytes_wire)
     }
 
+    /// Pre-copy rounds while the container runs, unless the job or the
+    /// container's connections rule them out; the status says which.
+    async fn precopy(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let mut report = PreCopyReport::default();
+        if job.precopy == PreCopyMode::Off {
+            report.note = Some("pre-copy off (job option precopy = \"off\")".into());
+            machine.precopied(report, now_ms());
+            return Ok(());
+        }
+        let id = self.container()?.id.clone();
+        let tcp = tcp_plan(node, job, &id).await?;
+        if let Some(why) = precopy::skip_reason(tcp) {
+            info!(job = %job.job_id, %why, "no pre-copy");
+            report.note = Some(why);
+            machine.precopied(report, now_ms());
+            return Ok(());
+        }
+        let base = node.work_dir.join("precopy").join(&job.job_id);
+        let result = self.precopy_rounds(&id, &base, &mut report, machine).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&base).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(job = %job.job_id, error = %e, "cannot remove the pre-copy folder");
+            }
+        }
+        machine.precopied(report, now_ms());
+        result
+    }
+
+    async fn precopy_rounds(
+        &mut self,
+        id: &str,
+        base: &Path,
+        report: &mut PreCopyReport,
+        machine: &mut SourceMachine,
+    ) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let name = checkpoint_name(&job.job_id);
+        let options = CheckpointOptions {
+            tcp: TcpDump::Plain,
+        };
+        let mut known = Known::default();
+        let mut new_bytes = Vec::new();
+        let gate = self.gate;
+        for round in 1.. {
+            if gate.is_canceled() {
+                return Ok(());
+            }
+            let start = Instant::now();
+            let dump = base.join("dump");
+            let send = base.join("send");
+            // The dump and its hashing leave the connection idle: the
+            // target hears keepalives meanwhile, as during the checkpoint.
+            let mut dumped = None;
+            let work = async {
+                match node
+                    .engine
+                    .dump_running(id, &format!("{name}-pre{round}"), &dump, options)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(RuntimeError::Unsupported(why)) if round == 1 => {
+                        dumped = Some(Err(why));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(MigrationError::PreCopyDump {
+                            round,
+                            source: Box::new(e),
+                        })
+                    }
+                }
+                let (dump2, send2, known2) =
+                    (dump.clone(), send.clone(), std::mem::take(&mut known));
+                let encoded = tokio::task::spawn_blocking(move || {
+                    precopy::encode_round(&dump2, &send2, &known2)
+                })
+                .await
+                .map_err(MigrationError::PreCopyTask)??;
+                dumped = Some(Ok(encoded));
+                Ok(())
+            };
+            let mut conn = self.conn.take();
+            let result = keeping_alive(conn.as_mut(), "precopy", Some(dump.clone()), work).await;
+            self.conn = conn;
+            if let Some(reason) = result? {
+                return Err(MigrationError::TargetFailedEarly {
+                    target: job.target.clone(),
+                    phase: "precopy",
+                    reason,
+                });
+            }
+            let (st, hashes) = match dumped {
+                Some(Ok(encoded)) => encoded,
+                Some(Err(why)) => {
+                    let why = format!("pre-copy skipped: {why}");
+                    info!(job = %job.job_id, %why, "no pre-copy");
+                    report.note = Some(why);
+                    return Ok(());
+                }
+                None => return Err(MigrationError::Missing("the pre-copy dump's result")),
+            };
+            let _ = tokio::fs::remove_dir_all(&dump).await;
+            self.tell_sending().await?;
+            let header = self.header(format!("{name}@pre{round}"));
+            let opts = self.send_options();
+            let conn = self.conn()?;
+            let sent = tokio::select! {
+                biased;
+                _ = gate.canceled() => return Ok(()),
+                r = wire::send_checkpoint(conn, &header, &send, &opts, |_| {}) => r,
+            }
+            .map_err(|source| MigrationError::PreCopySend {
+                round,
+                target: job.target.clone(),
+                source,
+            })?;
+            let _ = tokio::fs::remove_dir_all(&send).await;
+            known = Known::new(hashes);
+            let r = PreCopyRound {
+                bytes_pages: st.bytes,
+                bytes_new: st.literal_bytes(),
+                bytes_wire: sent.bytes_wire,
+                ms: start.elapsed().as_millis() as u64,
+            };
+            info!(job = %job.job_id, round, ?r, known_blocks = known.len(), index_bytes = known.heap_bytes(), "pre-copy round sent");
+            report.rounds.push(r);
+            machine.precopied(report.clone(), now_ms());
+            node.publish_job(machine.status()).await;
+            new_bytes.push(r.bytes_new);
+            match precopy::next_after(&new_bytes, st.bytes) {
+                Next::Round => {}
+                Next::FinalDelta => {
+                    self.known = Some(known);
+                    return Ok(());
+                }
+                Next::FinalWhole { note } => {
+                    info!(job = %job.job_id, %note, "pre-copy gave up");
+                    report.note = Some(note);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn pause_policy(&mut self) -> Result<(), MigrationError> {
         if !self.prepared {
             return Err(MigrationError::Missing(
@@ -580,6 +752,67 @@ impl<E: Engine> Driver<'_, E> {
         Ok(())
     }
 
+    /// Runs a step that leaves the connection idle (checkpoint, pack) with
+    /// keepalives to the target; see [`keeping_alive`].
+    async fn idle_step(
+        &mut self,
+        step: Step,
+        machine: &mut SourceMachine,
+    ) -> Result<(), MigrationError> {
+        let (node, job) = (self.node, self.job);
+        let dir = match &self.container {
+            Some(c) => node
+                .engine
+                .checkpoint_dir(&c.id, &checkpoint_name(&job.job_id))
+                .await
+                .ok(),
+            None => None,
+        };
+        let mut conn = self.conn.take();
+        let (phase, result) = match step {
+            Step::Checkpoint => {
+                let work = self.checkpoint(machine);
+                (
+                    "checkpoint",
+                    keeping_alive(conn.as_mut(), "checkpoint", dir, work).await,
+                )
+            }
+            _ => {
+                let work = self.pack_state(machine);
+                (
+                    "pack",
+                    keeping_alive(conn.as_mut(), "pack", dir, work).await,
+                )
+            }
+        };
+        self.conn = conn;
+        let heard = result?;
+        match heard {
+            Some(reason) => Err(MigrationError::TargetFailedEarly {
+                target: job.target.clone(),
+                phase,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the keepalives: a stream follows at once.
+    async fn tell_sending(&mut self) -> Result<(), MigrationError> {
+        let target = self.job.target.clone();
+        protocol::send(self.conn()?, &ToTarget::Sending)
+            .await
+            .map_err(|e| MigrationError::Transfer {
+                target,
+                source: match e {
+                    protocol::ProtocolError::Stream(s) => s,
+                    protocol::ProtocolError::Closed => {
+                        crate::stream::StreamError::Truncated("the target closed".into())
+                    }
+                },
+            })
+    }
+
     async fn transfer(&mut self, machine: &mut SourceMachine) -> Result<(), MigrationError> {
         let (node, job) = (self.node, self.job);
         let dir = node
@@ -589,13 +822,74 @@ impl<E: Engine> Driver<'_, E> {
             .map_err(MigrationError::CheckpointDir)?;
         let header = self.header(checkpoint_name(&job.job_id));
         let options = self.send_options();
+        // After pre-copy the page images go as deltas, from a mirror of
+        // the folder next to it (hard links); the folder stays whole for a
+        // rollback.
+        let mut delta_dir: Option<PathBuf> = None;
+        let dir = match self.known.take() {
+            None => dir,
+            Some(known) => {
+                let start = Instant::now();
+                let out = dir.with_file_name(format!("{}-delta", checkpoint_name(&job.job_id)));
+                let (from, to) = (dir.clone(), out.clone());
+                let encoded =
+                    tokio::task::spawn_blocking(move || precopy::encode_final(&from, &to, &known))
+                        .await
+                        .map_err(MigrationError::PreCopyTask)?;
+                delta_dir = Some(out.clone());
+                let st = match encoded {
+                    Ok(st) => st,
+                    Err(e) => {
+                        let _ = tokio::fs::remove_dir_all(&out).await;
+                        return Err(e.into());
+                    }
+                };
+                let mut report = machine.status().precopy.clone().unwrap_or_default();
+                report.final_round = Some(PreCopyRound {
+                    bytes_pages: st.bytes,
+                    bytes_new: st.literal_bytes(),
+                    bytes_wire: 0,
+                    ms: start.elapsed().as_millis() as u64,
+                });
+                machine.precopied(report, now_ms());
+                info!(job = %job.job_id, pages = st.bytes, new = st.literal_bytes(), delta = st.delta_bytes, encode_ms = start.elapsed().as_millis() as u64, "final dump encoded against pre-copy");
+                out
+            }
+        };
+        let result = self.send_final(machine, &header, &dir, &options).await;
+        if let Some(out) = delta_dir {
+            if let Err(e) = tokio::fs::remove_dir_all(&out).await {
+                warn!(job = %job.job_id, error = %e, "cannot remove the delta folder");
+            }
+        }
+        let wire = result?;
+        if let Some(mut report) = machine.status().precopy.clone() {
+            if let Some(f) = report.final_round.as_mut() {
+                f.bytes_wire = wire;
+                machine.precopied(report, now_ms());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the checkpoint folder `dir`, publishing progress; returns the
+    /// bytes on the wire.
+    async fn send_final(
+        &mut self,
+        machine: &mut SourceMachine,
+        header: &TransferHeader,
+        dir: &Path,
+        options: &SendOptions,
+    ) -> Result<u64, MigrationError> {
+        let (node, job) = (self.node, self.job);
+        self.tell_sending().await?;
         let (tx, mut rx) = watch::channel(Progress {
             bytes_raw: 0,
             bytes_wire: 0,
             rate_bps: 0,
         });
         let conn = self.conn()?;
-        let send = wire::send_checkpoint(conn, &header, &dir, &options, move |p| {
+        let send = wire::send_checkpoint(conn, header, dir, options, move |p| {
             let _ = tx.send(p);
         });
         tokio::pin!(send);
@@ -629,7 +923,7 @@ impl<E: Engine> Driver<'_, E> {
             rate_bps = report.rate_bps,
             "checkpoint sent"
         );
-        Ok(())
+        Ok(report.bytes_wire)
     }
 
     async fn await_restore(&mut self) -> Result<(), MigrationError> {
@@ -737,5 +1031,49 @@ impl<E: Engine> Driver<'_, E> {
             warn!(job = %self.job.job_id, error = %e, "rolled back, but the checkpoint could not be deleted");
         }
         Ok(())
+    }
+}
+
+/// Runs `work` while telling the target every
+/// [`KEEPALIVE_EVERY`](protocol::KEEPALIVE_EVERY) that this side is at
+/// `phase` with so many bytes in the checkpoint folder `dir`, and listening
+/// for the target's `Failed` (its agent stops). Returns what `work` returned
+/// and, if the target failed or went away meanwhile, why.
+async fn keeping_alive<F>(
+    conn: Option<&mut Box<dyn Conn>>,
+    phase: &str,
+    dir: Option<std::path::PathBuf>,
+    work: F,
+) -> Result<Option<String>, MigrationError>
+where
+    F: std::future::Future<Output = Result<(), MigrationError>>,
+{
+    let Some(conn) = conn else {
+        return work.await.map(|()| None);
+    };
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    tokio::pin!(work);
+    let listen = protocol::recv::<_, ToSource>(&mut rd);
+    tokio::pin!(listen);
+    let mut tick = tokio::time::interval(protocol::KEEPALIVE_EVERY);
+    let mut heard: Option<String> = None;
+    loop {
+        tokio::select! {
+            r = &mut work => return r.map(|()| heard),
+            _ = tick.tick(), if heard.is_none() => {
+                let bytes = dir.as_deref().map_or(0, crate::sysinfo::tree_bytes);
+                let msg = ToTarget::Progress { phase: phase.to_owned(), bytes };
+                if let Err(e) = protocol::send(&mut wr, &msg).await {
+                    heard = Some(format!("cannot tell it progress: {e}"));
+                }
+            }
+            msg = &mut listen, if heard.is_none() => {
+                heard = Some(match msg {
+                    Ok(ToSource::Failed { reason } | ToSource::Refused { reason }) => reason,
+                    Ok(other) => format!("unexpected answer {other:?}"),
+                    Err(e) => e.to_string(),
+                });
+            }
+        }
     }
 }

@@ -11,8 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::check::{self, Facts};
+use super::gate::CommitGate;
 use super::journal::{Entry, Phase};
 use super::machine::{Outcome, TargetMachine, TargetStep};
+use super::precopy::{self, Staged};
 use super::protocol::{self, Prepare, ProtocolError, ToSource, ToTarget};
 use super::recovery::{answer_decision, Decision, Holding};
 use super::{now_ms, MigrationError, Node};
@@ -21,7 +23,7 @@ use crate::runtime::networks::{self, Placement};
 use crate::runtime::state::{StatePlan, STATE_DIR};
 use crate::runtime::Engine;
 use crate::stream::archive::UnpackLimits;
-use crate::stream::wire;
+use crate::stream::{wire, StreamError};
 
 /// Handles one data connection. `peer` is the node id proven by the peer's
 /// certificate (`None` only on an insecure plain-TCP port).
@@ -38,21 +40,28 @@ where
     let refused = match first {
         Ok(Ok(ToTarget::Prepare(prepare))) => {
             // Identity and naming checks come before anything is published.
-            match check::prepare_identity(&prepare, &node.id, peer.as_deref()) {
+            let checked = check::prepare_identity(&prepare, &node.id, peer.as_deref())
+                .map_err(MigrationError::from)
+                .and_then(|()| {
+                    node.orders
+                        .admit_prepare(&prepare, &node.id, crate::order::unix_now())
+                        .map_err(MigrationError::from)
+                });
+            match checked {
                 Ok(()) => {
                     match node
                         .jobs
                         .try_register(&prepare.job_id, &prepare.spec.name, Role::Target)
                     {
                         Ok(guard) => {
-                            run(&node, &mut conn, &prepare).await;
+                            run(&node, &mut conn, &prepare, guard.gate()).await;
                             drop(guard);
                             return;
                         }
                         Err(e) => MigrationError::from(e),
                     }
                 }
-                Err(e) => e.into(),
+                Err(e) => e,
             }
         }
         Ok(Ok(ToTarget::Outcome { job_id, container })) => {
@@ -177,8 +186,10 @@ pub(super) async fn ask_decision<E>(
     }
 }
 
-/// Runs a registered incoming job to its final state.
-async fn run<E, S>(node: &Node<E>, conn: &mut S, prepare: &Prepare)
+/// Runs a registered incoming job to its final state. `gate` fires when
+/// this agent drains: before `Restored` the job fails, tells the source and
+/// removes what it created; after it, the job waits for the commit.
+async fn run<E, S>(node: &Node<E>, conn: &mut S, prepare: &Prepare, gate: &CommitGate)
 where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -209,6 +220,7 @@ where
         container_id: None,
         image_wanted: None,
         volumes: Vec::new(),
+        staged: None,
     };
     loop {
         let step = machine.step();
@@ -245,7 +257,11 @@ where
             }
         }
         let outcome = match written {
-            Ok(()) => driver.perform(step, &mut machine).await,
+            Ok(()) => {
+                driver
+                    .perform_unless_stopping(step, &mut machine, gate)
+                    .await
+            }
             Err(e) => Outcome::Failed(e.into()),
         };
         if let Outcome::Failed(reason) = &outcome {
@@ -269,6 +285,9 @@ struct Driver<'a, E, S> {
     image_wanted: Option<HashSet<String>>,
     /// Volumes created for the job.
     volumes: Vec<String>,
+    /// The images pre-copy staged, and the cap on the assembled content,
+    /// until `ApplyState` assembles the final images.
+    staged: Option<(Staged, u64)>,
 }
 
 impl<'a, E, S> Driver<'a, E, S>
@@ -276,6 +295,35 @@ where
     E: Engine,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    /// Steps before `Restored` stop when the agent drains: those that only
+    /// wait (for the source, for the stream) at once, the engine's at their
+    /// end.
+    async fn perform_unless_stopping(
+        &mut self,
+        step: TargetStep,
+        machine: &mut TargetMachine,
+        gate: &CommitGate,
+    ) -> Outcome {
+        use TargetStep::*;
+        match step {
+            Precheck | FetchImage | Create if gate.is_canceled() => {
+                Outcome::Failed(MigrationError::TargetStopping)
+            }
+            Receive => match self.receive(machine, gate).await {
+                Ok(()) if gate.is_canceled() => Outcome::Failed(MigrationError::TargetStopping),
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Failed(e),
+            },
+            ApplyState | Restore => match self.perform(step, machine).await {
+                Outcome::Done if gate.is_canceled() => {
+                    Outcome::Failed(MigrationError::TargetStopping)
+                }
+                other => other,
+            },
+            _ => self.perform(step, machine).await,
+        }
+    }
+
     async fn perform(&mut self, step: TargetStep, machine: &mut TargetMachine) -> Outcome {
         let result = match step {
             TargetStep::Precheck => {
@@ -284,7 +332,7 @@ where
             }
             TargetStep::FetchImage => self.fetch_image(machine).await,
             TargetStep::Create => self.create().await,
-            TargetStep::Receive => self.receive(machine).await,
+            TargetStep::Receive => self.receive(machine, &CommitGate::new()).await,
             TargetStep::ApplyState => self.apply_state(machine).await,
             TargetStep::Restore => self.restore(machine).await,
             TargetStep::AwaitCommit => self.await_commit().await,
@@ -326,6 +374,8 @@ where
     async fn precheck(&mut self) -> Result<(), MigrationError> {
         let (node, p) = (self.node, self.prepare);
         let spec = &p.spec;
+        // Before any engine call: the sender may be compromised.
+        check::allowed(p, &node.id, &node.policy)?;
         check::compatible(&Facts::of_prepare(p), &node.facts())?;
         check::name_free(&spec.name, &node.id, node.engine.inspect(&spec.name).await)?;
         let mut image_bytes = 0;
@@ -440,8 +490,14 @@ where
         Ok(())
     }
 
-    /// Says `Prepared`; the source checkpoints now and the stream follows.
-    async fn receive(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+    /// Says `Prepared`; the source checkpoints now, saying `Progress` until
+    /// `Sending`, and the stream follows. A drain (`gate`) stops the wait
+    /// and the stream, and the source learns why.
+    async fn receive(
+        &mut self,
+        machine: &mut TargetMachine,
+        gate: &CommitGate,
+    ) -> Result<(), MigrationError> {
         let container_id = self.id()?.to_owned();
         protocol::send(self.conn, &ToSource::Prepared { container_id })
             .await
@@ -452,18 +508,176 @@ where
             p.estimate_bytes,
             crate::sysinfo::free_disk(&node.work_dir).unwrap_or(u64::MAX),
         );
-        let report = wire::receive_checkpoint(&mut *self.conn, &self.staging, &limits, |h| {
-            check::stream_matches(h, &p.job_id, &p.source_node).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(MigrationError::Receive)?;
-        machine.received(report.bytes_raw, report.bytes_wire);
+        // Pre-copy rounds (`<checkpoint>@pre<n>`) come first, if any; their
+        // images stay in staging of their own, two folders taken in turn.
+        let mut staged = Staged::default();
+        let mut round = 0usize;
+        let (mut raw, mut wire_bytes) = (0u64, 0u64);
+        let pre = |n: usize, what: &str| {
+            node.work_dir
+                .join("staging")
+                .join(format!("{}@pre{}{what}", p.job_id, n % 2))
+        };
+        loop {
+            // Each stream (a pre-copy round, the final images) follows the
+            // source's keepalives and its `Sending`.
+            self.await_stream_unless_stopping(gate).await?;
+            let incoming = wire::read_header(&mut *self.conn)
+                .await
+                .map_err(MigrationError::Receive)?;
+            let h = incoming.header().clone();
+            let pre_name = format!("{}@pre{}", p.checkpoint, round + 1);
+            let refusal = match check::stream_matches(&h, &p.job_id, &p.source_node) {
+                Err(e) => Some(MigrationError::Receive(StreamError::Refused {
+                    job_id: h.job_id.clone(),
+                    reason: e.to_string(),
+                })),
+                Ok(()) if h.checkpoint != pre_name && h.checkpoint != p.checkpoint => {
+                    Some(MigrationError::UnexpectedStream {
+                        got: h.checkpoint.clone(),
+                        expected: p.checkpoint.clone(),
+                    })
+                }
+                Ok(()) => None,
+            };
+            if let Some(e) = refusal {
+                let _ = incoming.refuse(&e.to_string()).await;
+                return Err(e);
+            }
+            if h.checkpoint == p.checkpoint {
+                let accepted = tokio::select! {
+                    r = incoming.accept(&self.staging, &limits) => r.map_err(MigrationError::Receive),
+                    _ = gate.canceled() => Err(MigrationError::TargetStopping),
+                };
+                let report = match accepted {
+                    Ok(report) => report,
+                    Err(MigrationError::TargetStopping) => {
+                        let reason = MigrationError::TargetStopping.to_string();
+                        wire::refuse_now(&mut *self.conn, &reason).await;
+                        return Err(MigrationError::TargetStopping);
+                    }
+                    Err(e) => return Err(e),
+                };
+                raw += report.bytes_raw;
+                wire_bytes += report.bytes_wire;
+                if round > 0 {
+                    self.staged = Some((staged, limits.max_total_bytes));
+                }
+                machine.received(raw, wire_bytes);
+                return Ok(());
+            }
+            round += 1;
+            let recv = pre(round, "-recv");
+            let into = pre(round, "");
+            for dir in [&recv, &into] {
+                remove_dir(dir).await;
+            }
+            let report = incoming
+                .accept(&recv, &limits)
+                .await
+                .map_err(MigrationError::Receive)?;
+            raw += report.bytes_raw;
+            wire_bytes += report.bytes_wire;
+            tokio::fs::create_dir_all(&into).await.map_err(|source| {
+                MigrationError::PlaceImages {
+                    dir: into.clone(),
+                    source,
+                }
+            })?;
+            let max = limits.max_total_bytes;
+            let (from, to) = (recv.clone(), into.clone());
+            let (st, written) =
+                tokio::task::spawn_blocking(move || precopy::assemble(&from, &to, &staged, max))
+                    .await
+                    .map_err(MigrationError::PreCopyTask)??;
+            remove_dir(&recv).await;
+            // The previous round's images are no longer referred to.
+            remove_dir(&pre(round + 1, "")).await;
+            staged = precopy::staged_from(written);
+            info!(job = %p.job_id, round, pages = st.bytes, new = st.literal_bytes(), blocks = staged.blocks(), index_bytes = staged.index_bytes(), "pre-copy round staged");
+        }
+    }
+
+    /// After pre-copy: the final images from their deltas and the staged
+    /// rounds. Here rather than in `Receive` so that a failure (a checksum
+    /// mismatch) reaches the source as the reason of its rollback.
+    async fn assemble(&mut self) -> Result<(), MigrationError> {
+        let Some((staged, max)) = self.staged.take() else {
+            return Ok(());
+        };
+        let dir = self.staging.clone();
+        let assembled =
+            tokio::task::spawn_blocking(move || precopy::assemble_final(&dir, &staged, max))
+                .await
+                .map_err(MigrationError::PreCopyTask);
+        self.clear_precopy().await;
+        let (st, in_place) = assembled??;
+        info!(job = %self.prepare.job_id, pages = st.bytes, new = st.literal_bytes(), in_place, "final images assembled");
         Ok(())
     }
 
-    /// Writes the files into the created container's layer and fills its
-    /// volumes, before anything starts; the state folder leaves staging.
+    /// The pre-copy folders of this job.
+    async fn clear_precopy(&self) {
+        let staging = self.node.work_dir.join("staging");
+        for n in 0..2 {
+            for what in ["", "-recv"] {
+                let dir = staging.join(format!("{}@pre{n}{what}", self.prepare.job_id));
+                remove_dir(&dir).await;
+            }
+        }
+    }
+
+    /// [`Self::await_stream`], stopped by a drain (`gate`): the source then
+    /// learns why.
+    async fn await_stream_unless_stopping(
+        &mut self,
+        gate: &CommitGate,
+    ) -> Result<(), MigrationError> {
+        let waited = tokio::select! {
+            r = self.await_stream() => r,
+            _ = gate.canceled() => Err(MigrationError::TargetStopping),
+        };
+        if let Err(MigrationError::TargetStopping) = &waited {
+            let reason = MigrationError::TargetStopping.to_string();
+            let _ = protocol::send(self.conn, &ToSource::Failed { reason }).await;
+        }
+        waited
+    }
+
+    /// Reads the source's keepalives until `Sending`; a source silent for
+    /// [`Timeouts::source_silence`](super::Timeouts) is gone.
+    async fn await_stream(&mut self) -> Result<(), MigrationError> {
+        let silence = self.node.timeouts.source_silence;
+        let mut phase = String::from("checkpoint");
+        loop {
+            let msg = tokio::time::timeout(silence, protocol::recv::<_, ToTarget>(self.conn))
+                .await
+                .map_err(|_| MigrationError::SourceSilent {
+                    phase: phase.clone(),
+                    silent_s: silence.as_secs(),
+                })?;
+            match msg {
+                Ok(ToTarget::Progress { phase: p, bytes }) => {
+                    tracing::debug!(job = %self.prepare.job_id, phase = %p, bytes, "source progress");
+                    phase = p;
+                }
+                Ok(ToTarget::Sending) => return Ok(()),
+                Ok(other) => {
+                    return Err(MigrationError::UnexpectedBeforeStream {
+                        answer: format!("{other:?}"),
+                    })
+                }
+                Err(ProtocolError::Closed) => return Err(MigrationError::SourceClosed),
+                Err(e) => return Err(MigrationError::AwaitStream(e)),
+            }
+        }
+    }
+
+    /// Assembles the pre-copied images, then writes the files into the
+    /// created container's layer and fills its volumes, before anything
+    /// starts; the state folder leaves staging.
     async fn apply_state(&mut self, machine: &mut TargetMachine) -> Result<(), MigrationError> {
+        self.assemble().await?;
         let Some(plan) = self.plan() else {
             return Ok(());
         };
@@ -588,10 +802,20 @@ where
     }
 
     async fn clear_staging(&self) {
+        self.clear_precopy().await;
         if let Err(e) = tokio::fs::remove_dir_all(&self.staging).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(job = %self.prepare.job_id, error = %e, "cannot remove staging folder");
             }
+        }
+    }
+}
+
+/// Best effort; a folder that is not there is fine.
+async fn remove_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %e, "cannot remove");
         }
     }
 }

@@ -130,6 +130,7 @@ pub(crate) fn test_node(
         journal: None,
         reporter: Box::new(statuses.clone()),
         dialer: Box::new(PipeDialer(dialer)),
+        policy: Default::default(),
         timeouts: Timeouts {
             connect: WAIT,
             prepare: WAIT,
@@ -138,10 +139,12 @@ pub(crate) fn test_node(
             progress_every: Duration::from_millis(20),
             prepare_wait: WAIT,
             commit_wait: WAIT,
+            source_silence: WAIT,
             settle: Duration::ZERO,
         },
         peers: Peers::default(),
         jobs: JobRegistry::new(id),
+        orders: crate::order::Orders::open(),
     };
     (Arc::new(node), statuses)
 }
@@ -246,6 +249,10 @@ impl Pair {
             zstd_level: 3,
             tcp,
             bind_mounts: Default::default(),
+            excluded: Default::default(),
+            parent: None,
+            order: None,
+            precopy: Default::default(),
         };
         let status = tokio::time::timeout(WAIT, source::run(self.a.clone(), job, guard))
             .await
@@ -320,6 +327,14 @@ async fn scripted_target(mut conn: DuplexStream, stop: Stop, staging: PathBuf) {
     protocol::send(&mut conn, &reply).await.unwrap();
     if matches!(stop, Stop::Refuse | Stop::CloseAfterPrepared) {
         return;
+    }
+    // Keepalives while the source checkpoints, then the stream.
+    loop {
+        match protocol::recv::<_, ToTarget>(&mut conn).await.unwrap() {
+            ToTarget::Progress { .. } => {}
+            ToTarget::Sending => break,
+            other => panic!("expected progress or sending, got {other:?}"),
+        }
     }
     let limits = UnpackLimits::default();
     let staging = staging.join(&p.job_id);
@@ -476,7 +491,57 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
     let mut seen = phases.clone();
     seen.dedup();
     use crate::mqtt::contract::Phase::*;
-    assert_eq!(seen, [Precheck, Checkpoint, Transfer, Restore, Cleanup]);
+    assert_eq!(
+        seen,
+        [Precheck, Precopy, Checkpoint, Transfer, Restore, Cleanup]
+    );
+    // The fake engine cannot leave a container running: no rounds, and
+    // the status says why.
+    let precopy = status.precopy.clone().expect("the source reports pre-copy");
+    assert!(precopy.rounds.is_empty() && precopy.final_round.is_none());
+    assert!(
+        precopy
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot dump a running container"),
+        "{precopy:?}"
+    );
+}
+
+/// Pre-copy through both drivers: two rounds while the container runs (the
+/// second carries only the block that changed), a final dump sent as
+/// references but for that block, and the target restores the final dump's
+/// images byte for byte, leaving no pre-copy folder on either side.
+#[tokio::test]
+async fn pre_copy_rounds_then_a_final_delta_restore_the_final_images() {
+    let p = Pair::new(Peer::Target);
+    p.a.engine.allow_dump_running();
+    let status = p.migrate().await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    let pre = status.precopy.clone().expect("the source reports pre-copy");
+    assert_eq!(pre.rounds.len(), 2, "{pre:?}");
+    let pages = crate::runtime::fake::fake_pages(0).len() as u64;
+    assert_eq!(
+        (pre.rounds[0].bytes_pages, pre.rounds[0].bytes_new),
+        (pages, pages)
+    );
+    assert_eq!(pre.rounds[1].bytes_new, 4096, "{pre:?}");
+    let last = pre.final_round.expect("the final dump went as deltas");
+    assert_eq!((last.bytes_pages, last.bytes_new), (pages, 4096));
+    assert_eq!(status.bytes_wire, last.bytes_wire);
+    // Two dumps left it running, the third stopped it; the target restored
+    // the third's images.
+    assert_eq!(p.a.engine.dumps(), 3);
+    assert_eq!(
+        p.b.engine.restored_pages(),
+        Some(crate::runtime::fake::fake_pages(2))
+    );
+    assert!(!p.a.work_dir.join("precopy").join("j1").exists());
+    let staging: Vec<_> = std::fs::read_dir(p.b.work_dir.join("staging"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "{staging:?}");
 }
 
 /// Every failure injected at every step before the target confirms: the
@@ -487,7 +552,7 @@ async fn a_migration_moves_the_container_and_both_sides_succeed() {
 async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() {
     use JobState::{Failed, RolledBack};
     type Setup = fn(&Pair);
-    let cases: [(&str, Peer, Setup, JobState, &str); 20] = [
+    let cases: [(&str, Peer, Setup, JobState, &str); 21] = [
         (
             "source inspect",
             Peer::Target,
@@ -549,6 +614,16 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             |p| p.b.engine.fail("create_volumes"),
             Failed,
             "target b refused: cannot create the volumes of web on b",
+        ),
+        (
+            "pre-copy dump",
+            Peer::Target,
+            |p| {
+                p.a.engine.allow_dump_running();
+                p.a.engine.fail("dump_running");
+            },
+            Failed,
+            "pre-copy round 1: dump of the running container: engine call dump_running",
         ),
         (
             "policy pause",
@@ -625,7 +700,7 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
             Peer::Scripted(Stop::CloseAfterPrepared),
             |_| {},
             RolledBack,
-            "transfer to b:",
+            "peer closed the data connection",
         ),
         (
             "target says failed",
@@ -639,6 +714,14 @@ async fn every_failure_before_the_commit_ends_with_the_workload_on_the_source() 
         let p = Pair::new(peer);
         setup(&p);
         let (state, got) = state_and_error(&p.migrate().await);
+        // A connection lost after `Prepared` is noticed during pre-copy
+        // (nothing stopped yet: failed) or at the checkpoint (rolled back),
+        // as the keepalive and the dump race.
+        let end = if what == "lost after prepared" && state == Failed {
+            Failed
+        } else {
+            end
+        };
         assert_eq!(state, end, "{what}: {got}");
         assert!(got.contains(error), "{what}: {got:?} lacks {error:?}");
         p.assert_source_whole(what);
@@ -919,6 +1002,8 @@ async fn cancel_racing_the_commit_ends_on_exactly_one_node() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum SourceStop {
     CloseAfterPrepared,
+    /// The target's agent drains while the source checkpoints.
+    TargetDrains,
     ForeignStream,
     CloseAfterRestored,
     Commit,
@@ -940,6 +1025,8 @@ fn prepare(job: &str) -> Prepare {
         estimate_bytes: 1 << 20,
         arch: "x86_64".into(),
         page_size: 4096,
+        container_id: String::new(),
+        order: None,
     }
 }
 
@@ -960,7 +1047,15 @@ async fn scripted_source(
     let answer = protocol::recv::<_, ToSource>(&mut near).await.unwrap();
     let prepared = matches!(answer, ToSource::Prepared { .. });
     told.push(answer);
-    if prepared && stop != SourceStop::CloseAfterPrepared {
+    if prepared && stop == SourceStop::TargetDrains {
+        let progress = ToTarget::Progress {
+            phase: "checkpoint".into(),
+            bytes: 1,
+        };
+        protocol::send(&mut near, &progress).await.unwrap();
+        b.jobs.cancel_incoming();
+        told.push(protocol::recv::<_, ToSource>(&mut near).await.unwrap());
+    } else if prepared && stop != SourceStop::CloseAfterPrepared {
         let header = TransferHeader {
             job_id: if stop == SourceStop::ForeignStream {
                 "other".into()
@@ -972,6 +1067,12 @@ async fn scripted_source(
             container: NAME.into(),
             checkpoint: checkpoint_name(&job),
         };
+        let progress = ToTarget::Progress {
+            phase: "checkpoint".into(),
+            bytes: 1,
+        };
+        protocol::send(&mut near, &progress).await.unwrap();
+        protocol::send(&mut near, &ToTarget::Sending).await.unwrap();
         let sent =
             wire::send_checkpoint(&mut near, &header, images, &SendOptions::default(), |_| {})
                 .await;
@@ -1004,6 +1105,7 @@ async fn the_target_keeps_the_container_only_after_the_commit() {
     let imgs = images(&dir);
     for stop in [
         SourceStop::CloseAfterPrepared,
+        SourceStop::TargetDrains,
         SourceStop::ForeignStream,
         SourceStop::CloseAfterRestored,
         SourceStop::Commit,
@@ -1027,6 +1129,11 @@ async fn the_target_keeps_the_container_only_after_the_commit() {
                 last.error.as_deref(),
                 Some("source closed the connection before committing")
             );
+        }
+        if stop == SourceStop::TargetDrains {
+            let reason = "target agent stopping".to_string();
+            assert_eq!(told.last(), Some(&ToSource::Failed { reason }), "{told:?}");
+            assert_eq!(last.error.as_deref(), Some("target agent stopping"));
         }
         if stop == SourceStop::ForeignStream {
             let error = last.error.unwrap_or_default();

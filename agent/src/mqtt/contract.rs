@@ -38,7 +38,7 @@ pub enum ContractError {
     MalformedJson(String),
     #[error("a job must be a JSON object, got {0}")]
     NotAnObject(&'static str),
-    #[error("unknown action {0} (expected migrate or cancel)")]
+    #[error("unknown action {0} (expected migrate, evacuate or cancel)")]
     UnknownAction(String),
     #[error("missing field \"{0}\"")]
     MissingField(&'static str),
@@ -67,8 +67,20 @@ pub enum ContractError {
     Tcp(String),
     #[error("bind_mounts {0} is neither \"refuse\" nor \"present\"")]
     BindMounts(String),
+    #[error("invalid {field}: {reason}")]
+    Targets { field: &'static str, reason: String },
+    #[error("invalid selector.label {0}: expected KEY=VALUE")]
+    Label(String),
+    #[error("precopy {0} is neither \"auto\" nor \"off\"")]
+    PreCopy(String),
     #[error("invalid topic root {root}: {reason}")]
     TopicRoot { root: String, reason: String },
+    #[error("signed job names {field} {named}, but it was published as {published}")]
+    OrderMismatch {
+        field: &'static str,
+        named: String,
+        published: String,
+    },
 }
 
 /// Quotes a value for an error message: printable ASCII kept, everything else
@@ -271,12 +283,99 @@ impl Topics {
 pub enum JobRequest {
     Migrate {
         container: String,
-        target: String,
+        target: Target,
+        options: MigrateOptions,
+    },
+    /// Moves every running container that matches `selector` off the node.
+    Evacuate {
+        selector: Selector,
+        targets: Target,
         options: MigrateOptions,
     },
     Cancel {
         job: String,
     },
+}
+
+/// Where a migration may go: one named node, any node (`"auto"`), or one
+/// of a list; the source places the job (see `migration::placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Node(String),
+    Auto,
+    Among(Vec<String>),
+}
+
+/// The word that asks the source to place a job; never a node id.
+pub const AUTO: &str = "auto";
+/// Most candidates a job may list.
+pub const MAX_CANDIDATES: usize = 64;
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Target::Node(n) => s.serialize_str(n),
+            Target::Auto => s.serialize_str(AUTO),
+            Target::Among(list) => list.serialize(s),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Target::Node(n) => f.write_str(n),
+            Target::Auto => f.write_str(AUTO),
+            Target::Among(list) => write!(f, "one of {}", list.join(",")),
+        }
+    }
+}
+
+/// Which containers an evacuation moves: those with this label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub label_key: String,
+    pub label_value: String,
+}
+
+/// The label an evacuation selects when the job names none.
+pub const DEFAULT_EVACUATE_LABEL: (&str, &str) = ("ferry.migrate", "true");
+
+impl Default for Selector {
+    fn default() -> Self {
+        Selector {
+            label_key: DEFAULT_EVACUATE_LABEL.0.into(),
+            label_value: DEFAULT_EVACUATE_LABEL.1.into(),
+        }
+    }
+}
+
+impl Selector {
+    /// `KEY=VALUE`: a non-empty key without `=`, control characters or
+    /// more than 256 bytes in all.
+    pub fn parse_label(text: &str) -> Result<Selector, ContractError> {
+        let bad = || ContractError::Label(quoted(text));
+        if text.len() > 256 || text.chars().any(char::is_control) {
+            return Err(bad());
+        }
+        match text.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(Selector {
+                label_key: k.to_owned(),
+                label_value: v.to_owned(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}={}", self.label_key, self.label_value)
+    }
+}
+
+impl Serialize for Selector {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({ "label": self.label() }).serialize(s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -290,6 +389,50 @@ pub struct MigrateOptions {
     /// mounts exist on the target as they are on the source.
     #[serde(skip_serializing_if = "is_refuse")]
     pub bind_mounts: BindMounts,
+    /// `"auto"` (the default): send the memory while the container runs,
+    /// then only the blocks that changed; `"off"`: stop and copy.
+    #[serde(skip_serializing_if = "PreCopyMode::is_auto")]
+    pub precopy: PreCopyMode,
+}
+
+/// The job option `precopy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreCopyMode {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl PreCopyMode {
+    fn is_auto(&self) -> bool {
+        *self == PreCopyMode::Auto
+    }
+}
+
+/// What pre-copy did, in the source's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopyReport {
+    /// One entry per round sent while the container ran.
+    #[serde(default)]
+    pub rounds: Vec<PreCopyRound>,
+    /// The final (stopping) dump: blocks sent whole, and the rest as
+    /// references; `None` when it went as a plain copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_round: Option<PreCopyRound>,
+    /// Why pre-copy did not run, or why the final dump went whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One round: page bytes dumped, bytes of blocks the target lacked (sent
+/// whole), bytes on the wire, and how long the round took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopyRound {
+    pub bytes_pages: u64,
+    pub bytes_new: u64,
+    pub bytes_wire: u64,
+    pub ms: u64,
 }
 
 fn is_refuse(b: &BindMounts) -> bool {
@@ -303,6 +446,7 @@ impl Default for MigrateOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             tcp: TcpMode::default(),
             bind_mounts: BindMounts::Refuse,
+            precopy: PreCopyMode::Auto,
         }
     }
 }
@@ -335,13 +479,23 @@ pub fn parse_job(
     }
     validate_id("node id", topic_node)?;
     validate_id("job id", job_id)?;
+    parse_job_object(topic_node, job_id, json_object(payload)?)
+}
 
-    let obj = match serde_json::from_slice::<StrictValue>(payload) {
-        Ok(StrictValue(Value::Object(obj))) => obj,
-        Ok(StrictValue(other)) => return Err(ContractError::NotAnObject(json_kind(&other))),
-        Err(e) => return Err(ContractError::MalformedJson(e.to_string())),
-    };
+/// A payload as a JSON object, duplicate keys refused.
+fn json_object(payload: &[u8]) -> Result<Map<String, Value>, ContractError> {
+    match serde_json::from_slice::<StrictValue>(payload) {
+        Ok(StrictValue(Value::Object(obj))) => Ok(obj),
+        Ok(StrictValue(other)) => Err(ContractError::NotAnObject(json_kind(&other))),
+        Err(e) => Err(ContractError::MalformedJson(e.to_string())),
+    }
+}
 
+fn parse_job_object(
+    topic_node: &str,
+    job_id: &str,
+    obj: Map<String, Value>,
+) -> Result<JobRequest, ContractError> {
     let action = match obj.get("action") {
         None => return Err(ContractError::MissingField("action")),
         Some(Value::String(a)) => a.as_str(),
@@ -356,16 +510,54 @@ pub fn parse_job(
         "migrate" => {
             deny_unknown(&obj, "", &["action", "container", "target", "options"])?;
             let container = required_str(&obj, "container")?;
-            let target = required_str(&obj, "target")?;
             validate_id("container", &container)?;
-            validate_id("target", &target)?;
-            if target == topic_node {
-                return Err(ContractError::TargetIsSource(quoted(&target)));
-            }
+            let target = match obj.get("target") {
+                None | Some(Value::Null) => return Err(ContractError::MissingField("target")),
+                Some(v) => parse_target("target", v, topic_node)?,
+            };
             let options = parse_options(obj.get("options"))?;
             Ok(JobRequest::Migrate {
                 container,
                 target,
+                options,
+            })
+        }
+        "evacuate" => {
+            deny_unknown(&obj, "", &["action", "selector", "targets", "options"])?;
+            let selector = match obj.get("selector") {
+                None | Some(Value::Null) => Selector::default(),
+                Some(Value::Object(sel)) => {
+                    deny_unknown(sel, "selector.", &["label"])?;
+                    match sel.get("label") {
+                        None | Some(Value::Null) => Selector::default(),
+                        Some(Value::String(l)) => Selector::parse_label(l)?,
+                        Some(_) => {
+                            return Err(ContractError::WrongType {
+                                field: "selector.label",
+                                expected: "a string KEY=VALUE",
+                            })
+                        }
+                    }
+                }
+                Some(_) => {
+                    return Err(ContractError::WrongType {
+                        field: "selector",
+                        expected: "an object",
+                    })
+                }
+            };
+            let targets = match obj.get("targets") {
+                None | Some(Value::Null) => Target::Auto,
+                Some(v) => match parse_target("targets", v, topic_node)? {
+                    // One named node is a list of one: it is placed the same way.
+                    Target::Node(n) => Target::Among(vec![n]),
+                    t => t,
+                },
+            };
+            let options = parse_options(obj.get("options"))?;
+            Ok(JobRequest::Evacuate {
+                selector,
+                targets,
                 options,
             })
         }
@@ -379,6 +571,58 @@ pub fn parse_job(
             Ok(JobRequest::Cancel { job })
         }
         other => Err(ContractError::UnknownAction(quoted(other))),
+    }
+}
+
+/// A node id, `"auto"`, or a non-empty list of distinct node ids, none of
+/// them the source.
+fn parse_target(field: &'static str, v: &Value, topic_node: &str) -> Result<Target, ContractError> {
+    let node = |n: &str| -> Result<String, ContractError> {
+        validate_id(field, n)?;
+        if n == topic_node {
+            return Err(ContractError::TargetIsSource(quoted(n)));
+        }
+        if n == AUTO {
+            return Err(ContractError::Targets {
+                field,
+                reason: format!("{} is a word of the contract, not a node id", quoted(n)),
+            });
+        }
+        Ok(n.to_owned())
+    };
+    match v {
+        Value::String(s) if s == AUTO => Ok(Target::Auto),
+        Value::String(s) => Ok(Target::Node(node(s)?)),
+        Value::Array(list) => {
+            if list.is_empty() || list.len() > MAX_CANDIDATES {
+                return Err(ContractError::Targets {
+                    field,
+                    reason: format!("a list needs 1 to {MAX_CANDIDATES} node ids"),
+                });
+            }
+            let mut out: Vec<String> = Vec::with_capacity(list.len());
+            for item in list {
+                let Value::String(s) = item else {
+                    return Err(ContractError::WrongType {
+                        field,
+                        expected: "a node id, \"auto\" or a list of node ids",
+                    });
+                };
+                let n = node(s)?;
+                if out.contains(&n) {
+                    return Err(ContractError::Targets {
+                        field,
+                        reason: format!("{} is listed twice", quoted(&n)),
+                    });
+                }
+                out.push(n);
+            }
+            Ok(Target::Among(out))
+        }
+        _ => Err(ContractError::WrongType {
+            field,
+            expected: "a node id, \"auto\" or a list of node ids",
+        }),
     }
 }
 
@@ -396,7 +640,7 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
     deny_unknown(
         obj,
         "options.",
-        &["rate_limit", "zstd_level", "tcp", "bind_mounts"],
+        &["rate_limit", "zstd_level", "tcp", "bind_mounts", "precopy"],
     )?;
 
     let rate_limit = match obj.get("rate_limit") {
@@ -463,11 +707,29 @@ fn parse_options(v: Option<&Value>) -> Result<MigrateOptions, ContractError> {
         }
     };
 
+    let precopy = match obj.get("precopy") {
+        None | Some(Value::Null) => PreCopyMode::Auto,
+        Some(Value::String(s)) if s == "auto" => PreCopyMode::Auto,
+        Some(Value::String(s)) if s == "off" => PreCopyMode::Off,
+        Some(Value::String(s)) => {
+            return Err(ContractError::PreCopy(quoted(
+                &s.chars().take(MAX_RATE_TEXT).collect::<String>(),
+            )))
+        }
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "options.precopy",
+                expected: "the string \"auto\" or \"off\"",
+            })
+        }
+    };
+
     Ok(MigrateOptions {
         rate_limit,
         zstd_level,
         tcp,
         bind_mounts,
+        precopy,
     })
 }
 
@@ -582,6 +844,138 @@ impl<'de> Visitor<'de> for StrictVisitor {
 }
 
 // ---------------------------------------------------------------------------
+// Signed orders
+
+/// A job in its signed envelope, as published on `{root}/{node}/jobs/{id}`:
+/// `job` is the job JSON as a string (the contract's job plus the
+/// [`ORDER_FIELDS`]), `sig` the base64 (standard, padded) Ed25519 signature
+/// over exactly the UTF-8 bytes of that string, `key_id` which manager key
+/// signed it (informative: the signature decides). Signing a string, not a
+/// re-serialized object, means any MQTT client can produce an envelope and
+/// no canonical JSON is needed. Checking the signature is not done here
+/// (see [`crate::order`]): this is its shape only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub job: String,
+    pub sig: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
+
+/// What a signed job carries besides the job itself: the node it is for
+/// (the topic's node), its id (the topic's last level), when it was issued
+/// and when it expires (Unix seconds).
+pub const ORDER_FIELDS: [&str; 4] = ["node", "job_id", "issued_at", "expires_at"];
+
+/// When a signed order holds, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+/// A job as it arrived: bare (no signature; only a node without the
+/// manager's key accepts it) or signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub request: JobRequest,
+    /// The envelope, kept to verify it and to pass it on to the target.
+    pub signed: Option<(Envelope, Validity)>,
+}
+
+/// Parses the payload of `{root}/{topic_node}/jobs/{job_id}`: a bare job
+/// (an object with `"action"`) or an [`Envelope`]. A signed job must name
+/// the topic's node and job id, so an order cannot be moved to another
+/// node or another id. Only the shape is checked here.
+pub fn parse_order(topic_node: &str, job_id: &str, payload: &[u8]) -> Result<Order, ContractError> {
+    if payload.len() > MAX_JOB_PAYLOAD {
+        return Err(ContractError::TooLarge {
+            size: payload.len(),
+            max: MAX_JOB_PAYLOAD,
+        });
+    }
+    validate_id("node id", topic_node)?;
+    validate_id("job id", job_id)?;
+    let obj = json_object(payload)?;
+    if obj.contains_key("action") {
+        return Ok(Order {
+            request: parse_job_object(topic_node, job_id, obj)?,
+            signed: None,
+        });
+    }
+    let envelope = parse_envelope(obj)?;
+    let (request, validity) = parse_signed_job(topic_node, job_id, &envelope.job)?;
+    Ok(Order {
+        request,
+        signed: Some((envelope, validity)),
+    })
+}
+
+fn parse_envelope(obj: Map<String, Value>) -> Result<Envelope, ContractError> {
+    deny_unknown(&obj, "", &["job", "sig", "key_id"])?;
+    let job = required_str(&obj, "job")?;
+    let sig = required_str(&obj, "sig")?;
+    let key_id = match obj.get("key_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if k.len() <= MAX_ID_LEN => Some(k.clone()),
+        Some(_) => {
+            return Err(ContractError::WrongType {
+                field: "key_id",
+                expected: "a string of at most 128 bytes",
+            })
+        }
+    };
+    Ok(Envelope { job, sig, key_id })
+}
+
+/// The job inside an envelope: the contract's job plus the
+/// [`ORDER_FIELDS`], which must name `topic_node` and `job_id`.
+/// The `job_id` a signed job names, if it names one: which order a
+/// `Prepare` claims to follow (an evacuation's covers its children).
+pub fn signed_job_id(job: &str) -> Option<String> {
+    let obj = json_object(job.as_bytes()).ok()?;
+    obj.get("job_id")?.as_str().map(str::to_owned)
+}
+
+pub fn parse_signed_job(
+    topic_node: &str,
+    job_id: &str,
+    job: &str,
+) -> Result<(JobRequest, Validity), ContractError> {
+    let mut obj = json_object(job.as_bytes())?;
+    for (field, published) in [("node", topic_node), ("job_id", job_id)] {
+        let named = required_str(&obj, field)?;
+        if named != published {
+            return Err(ContractError::OrderMismatch {
+                field,
+                named: quoted(&named),
+                published: quoted(published),
+            });
+        }
+    }
+    let time = |field: &'static str| match obj.get(field) {
+        None | Some(Value::Null) => Err(ContractError::MissingField(field)),
+        Some(Value::Number(n)) => n.as_u64().ok_or(ContractError::WrongType {
+            field,
+            expected: "Unix seconds (a non-negative integer)",
+        }),
+        Some(_) => Err(ContractError::WrongType {
+            field,
+            expected: "Unix seconds (a non-negative integer)",
+        }),
+    };
+    let validity = Validity {
+        issued_at: time("issued_at")?,
+        expires_at: time("expires_at")?,
+    };
+    for field in ORDER_FIELDS {
+        obj.remove(field);
+    }
+    Ok((parse_job_object(topic_node, job_id, obj)?, validity))
+}
+
+// ---------------------------------------------------------------------------
 // Replies and statuses
 
 /// Published on `.../jobs/{id}/accepted` at once.
@@ -589,6 +983,10 @@ impl<'de> Visitor<'de> for StrictVisitor {
 pub struct Accepted {
     pub job_id: String,
     pub node: String,
+    /// A migrate job: the node it goes to (chosen by the source when the
+    /// job said `"auto"` or gave a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// Published on `.../jobs/{id}/rejected`; `reason` names the bad field or the
@@ -619,6 +1017,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The contract's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::InProgress => "in_progress",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::RolledBack => "rolled_back",
+            JobState::Canceled => "canceled",
+        }
+    }
+
     /// No further status follows a final one.
     pub fn is_final(self) -> bool {
         matches!(
@@ -633,6 +1043,8 @@ impl JobState {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Precheck,
+    /// Pre-copy rounds while the container runs (issue 10).
+    Precopy,
     Checkpoint,
     Transfer,
     Restore,
@@ -686,6 +1098,16 @@ pub struct JobStatus {
     pub old_addresses: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub new_addresses: BTreeMap<String, String>,
+    /// A placed job (`"auto"` or a list): why each candidate other than
+    /// `target` was not chosen.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub excluded: BTreeMap<String, String>,
+    /// A child of an evacuation: the evacuation's job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Source only: the pre-copy rounds, or why there were none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy: Option<PreCopyReport>,
     pub updated_ms: u64,
 }
 
@@ -721,6 +1143,9 @@ impl JobStatus {
             position: None,
             old_addresses: BTreeMap::new(),
             new_addresses: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            parent: None,
+            precopy: None,
             updated_ms,
         }
     }
@@ -746,9 +1171,49 @@ pub struct NodeStatus {
     pub kernel: Option<String>,
     pub docker: Option<String>,
     pub data_addr: Option<String>,
+    /// Memory this node offers to incoming containers, in bytes: what the
+    /// kernel reports available, capped by the agent's `offer_memory`.
+    /// Placement needs at least the container's memory use here.
     pub free_mem: u64,
+    /// Free bytes in the work dir, where incoming checkpoints are staged.
+    /// Placement needs at least the container's memory use here.
     pub free_disk: u64,
+    /// Migrations running on this node (either role) and queued: placement
+    /// prefers the node with the fewest.
     pub jobs: u32,
+    pub updated_ms: u64,
+}
+
+/// One container of an evacuation, as the evacuation's status lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvacuationChild {
+    /// `{evacuation id}.{n}`, n counting from 1; its own status is on
+    /// `.../jobs/{job_id}/status` of the evacuated node.
+    pub job_id: String,
+    pub container: String,
+    /// The node chosen for it, once placed.
+    #[serde(default)]
+    pub target: Option<String>,
+    pub state: JobState,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Retained on `.../jobs/{id}/status` of an evacuate job: `action` tells it
+/// from a migration's [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvacuationStatus {
+    pub job_id: String,
+    pub node: String,
+    /// Always `"evacuate"`.
+    pub action: String,
+    /// The label matched, `KEY=VALUE`.
+    pub selector: String,
+    /// `succeeded` only when every matching container runs elsewhere.
+    pub state: JobState,
+    pub children: Vec<EvacuationChild>,
+    #[serde(default)]
+    pub error: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -787,12 +1252,13 @@ mod tests {
             j,
             JobRequest::Migrate {
                 container: "counter".into(),
-                target: "node-b".into(),
+                target: Target::Node("node-b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("10MiB/s".into())),
                     zstd_level: 5,
                     tcp: TcpMode::Refuse,
                     bind_mounts: BindMounts::Present,
+                    precopy: PreCopyMode::Auto,
                 }
             }
         );
@@ -805,7 +1271,7 @@ mod tests {
             j,
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions::default()
             }
         );
@@ -852,6 +1318,35 @@ mod tests {
     }
 
     #[test]
+    fn precopy_is_auto_or_off() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"action":"migrate","container":"c","target":"b","options":{{"precopy":{v}}}}}"#
+            )
+        };
+        for (v, want) in [
+            ("\"auto\"", PreCopyMode::Auto),
+            ("\"off\"", PreCopyMode::Off),
+            ("null", PreCopyMode::Auto),
+        ] {
+            let Ok(JobRequest::Migrate { options, .. }) = job(&with(v)) else {
+                panic!("{v} refused")
+            };
+            assert_eq!(options.precopy, want, "{v}");
+        }
+        assert_eq!(
+            reason(&with("\"on\"")),
+            r#"precopy "on" is neither "auto" nor "off""#
+        );
+        assert_eq!(
+            reason(&with("1")),
+            r#"invalid field "options.precopy": expected the string "auto" or "off""#
+        );
+        let default = serde_json::to_value(MigrateOptions::default()).unwrap();
+        assert_eq!(default.get("precopy"), None);
+    }
+
+    #[test]
     fn cancel() {
         assert_eq!(
             job(r#"{"action":"cancel","job":"job-0"}"#).unwrap(),
@@ -875,27 +1370,29 @@ mod tests {
         for j in [
             JobRequest::Migrate {
                 container: "counter".into(),
-                target: "node-b".into(),
+                target: Target::Node("node-b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Text("20MiB/s".into())),
                     zstd_level: 7,
                     tcp: TcpMode::Established,
                     bind_mounts: BindMounts::Refuse,
+                    precopy: PreCopyMode::Off,
                 },
             },
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions {
                     rate_limit: Some(RateSpec::Bytes(1000)),
                     zstd_level: 1,
                     tcp: TcpMode::Refuse,
                     bind_mounts: BindMounts::Present,
+                    precopy: PreCopyMode::Auto,
                 },
             },
             JobRequest::Migrate {
                 container: "c".into(),
-                target: "b".into(),
+                target: Target::Node("b".into()),
                 options: MigrateOptions::default(),
             },
             JobRequest::Cancel { job: "j0".into() },
@@ -905,6 +1402,117 @@ mod tests {
         }
         let v: Value = serde_json::to_value(JobRequest::Cancel { job: "j0".into() }).unwrap();
         assert_eq!(v, serde_json::json!({"action": "cancel", "job": "j0"}));
+    }
+
+    #[test]
+    fn a_target_is_a_node_auto_or_a_list_of_candidates() {
+        let with = |t: &str| format!(r#"{{"action":"migrate","container":"c","target":{t}}}"#);
+        let target = |t: &str| match job(&with(t)) {
+            Ok(JobRequest::Migrate { target, .. }) => target,
+            other => panic!("{t}: {other:?}"),
+        };
+        assert_eq!(target(r#""auto""#), Target::Auto);
+        assert_eq!(target(r#""b""#), Target::Node("b".into()));
+        assert_eq!(
+            target(r#"["b","c"]"#),
+            Target::Among(vec!["b".into(), "c".into()])
+        );
+        for (t, want) in [
+            ("[]", r#"invalid target: a list needs 1 to 64 node ids"#),
+            (r#"["b","b"]"#, r#"invalid target: "b" is listed twice"#),
+            (
+                r#"["b","node-a"]"#,
+                r#"target equals the source node "node-a""#,
+            ),
+            (
+                r#"["b",3]"#,
+                r#"invalid field "target": expected a node id, "auto" or a list of node ids"#,
+            ),
+            (r#"["b/x"]"#, "invalid target \"b/x\": contains '/'"),
+            (
+                r#"["auto"]"#,
+                r#"invalid target: "auto" is a word of the contract, not a node id"#,
+            ),
+        ] {
+            let got = reason(&with(t));
+            assert!(got.starts_with(want), "{t}: {got}");
+        }
+        for t in [Target::Auto, Target::Among(vec!["x".into(), "y".into()])] {
+            let j = JobRequest::Migrate {
+                container: "c".into(),
+                target: t,
+                options: MigrateOptions::default(),
+            };
+            let bytes = serde_json::to_vec(&j).unwrap();
+            assert_eq!(parse_job("node-a", "job-1", &bytes).unwrap(), j);
+        }
+    }
+
+    #[test]
+    fn state_words_are_the_serialized_ones() {
+        use JobState::*;
+        for s in [Queued, InProgress, Succeeded, Failed, RolledBack, Canceled] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn evacuate_defaults_to_the_migrate_label_and_auto_placement() {
+        let j = job(r#"{"action":"evacuate"}"#).unwrap();
+        assert_eq!(
+            j,
+            JobRequest::Evacuate {
+                selector: Selector::default(),
+                targets: Target::Auto,
+                options: MigrateOptions::default(),
+            }
+        );
+        assert_eq!(Selector::default().label(), "ferry.migrate=true");
+        let j = job(
+            r#"{"action":"evacuate","selector":{"label":"tier=edge=1"},"targets":"b",
+                "options":{"zstd_level":1}}"#,
+        )
+        .unwrap();
+        let JobRequest::Evacuate {
+            selector,
+            targets,
+            options,
+        } = &j
+        else {
+            panic!("{j:?}")
+        };
+        assert_eq!(
+            (selector.label_key.as_str(), selector.label_value.as_str()),
+            ("tier", "edge=1")
+        );
+        assert_eq!(targets, &Target::Among(vec!["b".into()]));
+        assert_eq!(options.zstd_level, 1);
+        let bytes = serde_json::to_vec(&j).unwrap();
+        assert_eq!(parse_job("node-a", "job-1", &bytes).unwrap(), j);
+        for (payload, want) in [
+            (
+                r#"{"action":"evacuate","selector":{"label":"=x"}}"#,
+                r#"invalid selector.label "=x": expected KEY=VALUE"#,
+            ),
+            (
+                r#"{"action":"evacuate","selector":{"label":"x"}}"#,
+                r#"invalid selector.label "x": expected KEY=VALUE"#,
+            ),
+            (
+                r#"{"action":"evacuate","selector":{"name":"x"}}"#,
+                r#"unknown field "selector.name""#,
+            ),
+            (
+                r#"{"action":"evacuate","targets":["node-a"]}"#,
+                r#"target equals the source node "node-a""#,
+            ),
+            (
+                r#"{"action":"evacuate","container":"c"}"#,
+                r#"unknown field "container""#,
+            ),
+        ] {
+            assert_eq!(reason(payload), want, "{payload}");
+        }
     }
 
     #[test]
@@ -924,7 +1532,7 @@ mod tests {
             ),
             (
                 r#"{"action":"x"}"#,
-                r#"unknown action "x" (expected migrate or cancel)"#,
+                r#"unknown action "x" (expected migrate, evacuate or cancel)"#,
             ),
             (
                 r#"{"action":"migrate","container":"c"}"#,
@@ -1014,6 +1622,104 @@ mod tests {
                 "{payload}\n got: {got}\nwant: {want}..."
             );
         }
+    }
+
+    #[test]
+    fn envelopes_are_parsed_strictly() {
+        let signed =
+            |job: &str| serde_json::json!({"job": job, "sig": "c2ln", "key_id": "k1"}).to_string();
+        let inner = r#"{"action":"migrate","container":"c","target":"b","node":"node-a","job_id":"job-1","issued_at":10,"expires_at":20}"#;
+        let order = parse_order("node-a", "job-1", signed(inner).as_bytes()).unwrap();
+        assert_eq!(
+            order.request,
+            JobRequest::Migrate {
+                container: "c".into(),
+                target: Target::Node("b".into()),
+                options: MigrateOptions::default()
+            }
+        );
+        let (envelope, validity) = order.signed.unwrap();
+        assert_eq!(envelope.job, inner);
+        assert_eq!(envelope.key_id.as_deref(), Some("k1"));
+        assert_eq!(
+            validity,
+            Validity {
+                issued_at: 10,
+                expires_at: 20
+            }
+        );
+        // A bare job is still a job; order fields outside an envelope are not.
+        let bare = parse_order("node-a", "job-1", br#"{"action":"cancel","job":"j0"}"#).unwrap();
+        assert!(bare.signed.is_none());
+        let order_reason = |payload: &str| {
+            parse_order("node-a", "job-1", payload.as_bytes())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| format!("accepted {payload}"))
+        };
+        assert_eq!(
+            order_reason(r#"{"action":"cancel","job":"j0","issued_at":1}"#),
+            r#"unknown field "issued_at""#
+        );
+        let cases: &[(String, &str)] = &[
+            (r#"{"job":"{}"}"#.into(), r#"missing field "sig""#),
+            (r#"{"sig":"x"}"#.into(), r#"missing field "job""#),
+            (
+                r#"{"job":{},"sig":"x"}"#.into(),
+                r#"invalid field "job": expected a string"#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","extra":1}"#.into(),
+                r#"unknown field "extra""#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","key_id":5}"#.into(),
+                r#"invalid field "key_id""#,
+            ),
+            (
+                r#"{"job":"{}","sig":"x","job":"{}"}"#.into(),
+                r#"malformed json: duplicate field "job""#,
+            ),
+            (signed("{"), "malformed json: "),
+            (signed("[]"), "a job must be a JSON object, got an array"),
+            (
+                signed(&inner.replace(r#""node":"node-a""#, r#""node":"node-b""#)),
+                r#"signed job names node "node-b", but it was published as "node-a""#,
+            ),
+            (
+                signed(&inner.replace(r#""job_id":"job-1""#, r#""job_id":"job-0""#)),
+                r#"signed job names job_id "job-0", but it was published as "job-1""#,
+            ),
+            (
+                signed(&inner.replace(r#","issued_at":10"#, "")),
+                r#"missing field "issued_at""#,
+            ),
+            (
+                signed(&inner.replace(r#""expires_at":20"#, r#""expires_at":-1"#)),
+                r#"invalid field "expires_at": expected Unix seconds"#,
+            ),
+            (
+                signed(&inner.replace(r#""expires_at":20"#, r#""expires_at":"20""#)),
+                r#"invalid field "expires_at": expected Unix seconds"#,
+            ),
+            (
+                signed(&inner.replace(r#""target":"b""#, r#""target":"b","x":1"#)),
+                r#"unknown field "x""#,
+            ),
+            (
+                signed(&inner.replace(r#""node":"node-a""#, r#""node":"node-a","node":"node-a""#)),
+                r#"malformed json: duplicate field "node""#,
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = order_reason(payload);
+            assert!(
+                got.starts_with(want),
+                "{payload}\n got: {got}\nwant: {want}..."
+            );
+        }
+        let big = signed(&" ".repeat(MAX_JOB_PAYLOAD));
+        assert!(order_reason(&big).starts_with("payload too large"));
     }
 
     #[test]
@@ -1300,6 +2006,7 @@ mod tests {
         let a = Accepted {
             job_id: "j".into(),
             node: "a".into(),
+            target: None,
         };
         assert_eq!(
             serde_json::to_value(&a).unwrap(),

@@ -106,6 +106,15 @@ impl<E: Engine> Engine for Deadlines<E> {
         within("inspect", name, self.limits.call, self.inner.inspect(name)).await
     }
 
+    async fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
+        let f = self.inner.list_running(key, value);
+        within("list_running", key, self.limits.call, f).await
+    }
+
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
         let f = self.inner.memory_usage(id);
         within("memory_usage", id, self.limits.call, f).await
@@ -161,6 +170,19 @@ impl<E: Engine> Engine for Deadlines<E> {
         let after = self.limits.for_state(memory);
         let f = self.inner.checkpoint(id, checkpoint, options);
         within("checkpoint", id, after, f).await
+    }
+
+    async fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &std::path::Path,
+        options: CheckpointOptions,
+    ) -> Result<(), RuntimeError> {
+        let memory = self.memory_usage(id).await.unwrap_or(0);
+        let after = self.limits.for_state(memory);
+        let f = self.inner.dump_running(id, name, images, options);
+        within("dump_running", id, after, f).await
     }
 
     async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {

@@ -9,7 +9,8 @@ use bollard::container::CreateCheckpointOptions;
 use bollard::models::ContainerCreateBody;
 use bollard::models::SystemInfoCgroupDriverEnum;
 use bollard::query_parameters::{
-    CreateContainerOptions, RemoveContainerOptions, StartContainerOptions, StatsOptions,
+    CreateContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptions,
+    StartContainerOptions, StatsOptions,
 };
 use bollard::BollardRequest;
 use futures_util::StreamExt;
@@ -328,6 +329,35 @@ impl Engine for Docker {
         self.connect_network(id, network, endpoint).await
     }
 
+    async fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
+        let label = format!("{key}={value}");
+        let filters = std::collections::HashMap::from([
+            ("label", vec![label.clone()]),
+            ("status", vec!["running".to_owned()]),
+        ]);
+        let options = ListContainersOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        let list = self
+            .api
+            .list_containers(Some(options))
+            .await
+            .map_err(engine_err("list containers", &label))?;
+        let mut out: Vec<(String, String)> = list
+            .into_iter()
+            .filter_map(|c| {
+                let name = c.names?.first()?.trim_start_matches('/').to_owned();
+                Some((c.id?, name))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(out)
+    }
+
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
         let options = StatsOptions {
             stream: false,
@@ -405,6 +435,27 @@ impl Engine for Docker {
             dir,
             via: CheckpointVia::Engine { reason },
         })
+    }
+
+    async fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &Path,
+        options: CheckpointOptions,
+    ) -> Result<(), RuntimeError> {
+        let Some(settings) = &self.runc else {
+            return Err(RuntimeError::Unsupported(
+                "the agent checkpoints through the engine (checkpoint_with = \"engine\"), which cannot leave a container running".into(),
+            ));
+        };
+        let mut runc = settings.clone();
+        runc.systemd_cgroup = self.systemd_cgroup;
+        runc.usable(id)
+            .await
+            .map_err(|why| RuntimeError::Unsupported(why.to_string()))?;
+        runc.dump_running(id, name, images, options.tcp).await?;
+        Ok(())
     }
 
     async fn tcp_state(&self, id: &str) -> Result<TcpState, RuntimeError> {

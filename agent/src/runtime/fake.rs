@@ -73,6 +73,25 @@ struct State {
     tcp: TcpState,
     /// The options of every checkpoint taken.
     checkpoints: Vec<CheckpointOptions>,
+    /// `dump_running` works (off: the trait's default refusal).
+    dumps_running: bool,
+    /// Dumps taken so far, running or not: page images change with it.
+    dumps: u64,
+    /// `pages-1.img` of the last checkpoint restored.
+    restored_pages: Option<Vec<u8>>,
+}
+
+/// The page image of the `n`-th dump: 150 distinct blocks (600 KiB), the
+/// first of which changes from dump to dump as a running workload's would.
+pub fn fake_pages(n: u64) -> Vec<u8> {
+    let mut pages = Vec::with_capacity(150 * 4096);
+    for block in 0..150u64 {
+        let tag = if block == 0 { n + 1 } else { 0 };
+        pages.extend_from_slice(&block.to_le_bytes());
+        pages.extend_from_slice(&tag.to_le_bytes());
+        pages.resize(pages.len() + 4096 - 16, (block * 31 + tag) as u8);
+    }
+    pages
 }
 
 pub struct FakeEngine {
@@ -277,6 +296,21 @@ impl FakeEngine {
         self.state().fail_after_stopping = true;
     }
 
+    /// Lets `dump_running` work, for pre-copy.
+    pub fn allow_dump_running(&self) {
+        self.state().dumps_running = true;
+    }
+
+    /// How many dumps were taken, running or not.
+    pub fn dumps(&self) -> u64 {
+        self.state().dumps
+    }
+
+    /// `pages-1.img` of the last checkpoint restored.
+    pub fn restored_pages(&self) -> Option<Vec<u8>> {
+        self.state().restored_pages.clone()
+    }
+
     /// Runs `hook` with the call's name at the start of every call.
     pub fn on_call(&self, hook: impl Fn(&'static str) + Send + Sync + 'static) {
         *self.hook.lock().unwrap() = Some(Box::new(hook));
@@ -452,6 +486,23 @@ impl Engine for FakeEngine {
         })
     }
 
+    async fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
+        self.enter("list_running", key)?;
+        let s = self.state();
+        let mut out: Vec<(String, String)> = s
+            .containers
+            .iter()
+            .filter(|(_, e)| e.running && e.spec.create_body["Labels"][key].as_str() == Some(value))
+            .map(|(id, e)| (id.clone(), e.name.clone()))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(out)
+    }
+
     async fn memory_usage(&self, id: &str) -> Result<u64, RuntimeError> {
         self.enter("memory_usage", id)?;
         Ok(64 * 1024)
@@ -542,7 +593,12 @@ impl Engine for FakeEngine {
         let dir = self.dir(id, checkpoint);
         std::fs::create_dir_all(&dir)?;
         // A few image files, one of them large enough for several frames.
-        std::fs::write(dir.join("pages-1.img"), vec![0x5a; 600 * 1024])?;
+        let n = {
+            let mut s = self.state();
+            s.dumps += 1;
+            s.dumps - 1
+        };
+        std::fs::write(dir.join("pages-1.img"), fake_pages(n))?;
         std::fs::write(dir.join("inventory.img"), format!("{}\n", e.name))?;
         self.set_running(id, false)?;
         // The engine applies the restart policy when the process ends.
@@ -566,6 +622,37 @@ impl Engine for FakeEngine {
         Ok(self.state().tcp.clone())
     }
 
+    async fn dump_running(
+        &self,
+        id: &str,
+        _name: &str,
+        images: &Path,
+        options: CheckpointOptions,
+    ) -> Result<(), RuntimeError> {
+        if !self.state().dumps_running {
+            return Err(RuntimeError::Unsupported(
+                "this engine cannot dump a running container".into(),
+            ));
+        }
+        self.enter("dump_running", id)?;
+        self.state().checkpoints.push(options);
+        let (_, e) = self
+            .find(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        if !e.running {
+            return Err(injected("dump_running", "a stopped container"));
+        }
+        let n = {
+            let mut s = self.state();
+            s.dumps += 1;
+            s.dumps - 1
+        };
+        std::fs::create_dir_all(images)?;
+        std::fs::write(images.join("pages-1.img"), fake_pages(n))?;
+        std::fs::write(images.join("inventory.img"), format!("{}\n", e.name))?;
+        Ok(())
+    }
+
     async fn checkpoint_dir(&self, id: &str, checkpoint: &str) -> Result<PathBuf, RuntimeError> {
         self.enter("checkpoint_dir", id)?;
         Ok(self.dir(id, checkpoint))
@@ -573,6 +660,8 @@ impl Engine for FakeEngine {
 
     async fn restore(&self, id: &str, checkpoint: &str) -> Result<(), RuntimeError> {
         self.enter("restore", id)?;
+        self.state().restored_pages =
+            std::fs::read(self.dir(id, checkpoint).join("pages-1.img")).ok();
         self.stall("restore").await;
         if self.entry_mut(id, |e| e.running)? {
             return Err(RuntimeError::Engine {

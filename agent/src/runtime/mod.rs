@@ -2,6 +2,7 @@
 //! drivers can be unit-tested with a recording fake (`fake`, tests only)
 //! while integration tests use the real Docker daemon ([`Docker`]).
 
+pub mod admission;
 pub mod deadline;
 pub mod docker;
 #[cfg(test)]
@@ -17,7 +18,7 @@ pub mod state;
 pub mod volumes;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use deadline::{Deadlines, EngineDeadlines};
 pub use docker::Docker;
@@ -114,6 +115,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The engine operations a migration needs, the moves of a container's
@@ -123,6 +126,12 @@ pub enum RuntimeError {
 pub trait Engine: state::StateEngine + Send + Sync {
     fn info(&self) -> impl Future<Output = Result<EngineInfo, RuntimeError>> + Send;
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Container, RuntimeError>> + Send;
+    /// The running containers labelled `key=value`: (id, name), by name.
+    fn list_running(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, RuntimeError>> + Send;
     /// Memory the container uses now: the size its checkpoint will have.
     fn memory_usage(&self, id: &str) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
@@ -159,6 +168,21 @@ pub trait Engine: state::StateEngine + Send + Sync {
         checkpoint: &str,
         options: CheckpointOptions,
     ) -> impl Future<Output = Result<Checkpointed, RuntimeError>> + Send;
+    /// Dumps running container `id` into `images` (outside the engine's
+    /// checkpoint folders) and leaves it running: a pre-copy round. Engines
+    /// that cannot say [`RuntimeError::Unsupported`].
+    fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &Path,
+        options: CheckpointOptions,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (id, name, images, options);
+        std::future::ready(Err(RuntimeError::Unsupported(
+            "this engine cannot dump a running container".into(),
+        )))
+    }
     /// The container's established TCP connections, and the TCP options
     /// restores on this node are given.
     fn tcp_state(&self, id: &str) -> impl Future<Output = Result<TcpState, RuntimeError>> + Send;

@@ -3,7 +3,10 @@
 //! volume over a host path) only when the job says its path exists on the
 //! target; devices and privileged containers never.
 
-use bollard::models::{ContainerInspectResponse, MountType, Volume};
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use bollard::models::{ContainerInspectResponse, HostConfig, MountType, Volume};
 use serde::{Deserialize, Serialize};
 
 /// The job option `bind_mounts`.
@@ -29,19 +32,87 @@ pub struct MountRefusal {
 const PRESENT_HINT: &str =
     "set the job option bind_mounts: \"present\" if that path exists on the target";
 
-/// Checks the inspected container and the volumes it mounts (as `docker
-/// volume inspect` gives them); the first refusal wins.
-pub fn check_mounts(
-    c: &ContainerInspectResponse,
-    volumes: &[Volume],
-    bind_mounts: BindMounts,
-) -> Result<(), MountRefusal> {
+/// Where the host paths a container names (bind mounts, local volumes over
+/// a host path) may point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPaths<'a> {
+    /// Nowhere: the source's default.
+    Refuse,
+    /// Anywhere: the job says they exist on the target (source side).
+    Present,
+    /// Only these folders and what lies below them: the target's allow-list
+    /// (`--allow-bind`).
+    Below(&'a [PathBuf]),
+}
+
+impl From<BindMounts> for HostPaths<'static> {
+    fn from(b: BindMounts) -> Self {
+        match b {
+            BindMounts::Refuse => HostPaths::Refuse,
+            BindMounts::Present => HostPaths::Present,
+        }
+    }
+}
+
+impl HostPaths<'_> {
+    /// `None` when `path` may be used; else why not.
+    fn refusal(&self, path: &str) -> Option<String> {
+        match self {
+            HostPaths::Present => None,
+            HostPaths::Refuse => Some(format!("needs that path on the target; {PRESENT_HINT}")),
+            HostPaths::Below(allowed) if path_below(Path::new(path), allowed) => None,
+            HostPaths::Below(allowed) => Some(format!(
+                "{path} is not below a path this node allows ({}; see --allow-bind)",
+                if allowed.is_empty() {
+                    "it allows none".to_string()
+                } else {
+                    allowed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )),
+        }
+    }
+}
+
+/// `path` is absolute, has no `..`, and lies in or below one of `allowed`,
+/// both as written and once the symlinks of its longest existing ancestor
+/// are resolved (the engine follows them, and creates what is missing).
+pub fn path_below(path: &Path, allowed: &[PathBuf]) -> bool {
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return false;
+    }
+    if !allowed.iter().any(|a| path.starts_with(a)) {
+        return false;
+    }
+    let real = resolved(path);
+    allowed.iter().any(|a| real.starts_with(resolved(a)))
+}
+
+/// `path` with the symlinks of its longest existing ancestor resolved; the
+/// rest as written.
+fn resolved(path: &Path) -> PathBuf {
+    for ancestor in path.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(ancestor) {
+            let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
+    }
+    path.to_path_buf()
+}
+
+/// The host side of a container: no privileged mode, no devices, no mounts
+/// from other containers, and host paths only as `paths` allows. The one
+/// check behind the source's [`check_mounts`] and the target's
+/// [`super::admission`].
+pub fn check_host_config(host: &HostConfig, paths: HostPaths) -> Result<(), MountRefusal> {
     let refuse = |field, reason| Err(MountRefusal { field, reason });
-    let host = c.host_config.clone().unwrap_or_default();
     if host.privileged == Some(true) {
         return refuse(
             "HostConfig.Privileged",
-            "a privileged container uses the source's devices and kernel settings; it cannot move"
+            "a privileged container uses its node's devices and kernel settings; it cannot move"
                 .into(),
         );
     }
@@ -64,35 +135,54 @@ pub fn check_mounts(
             ),
         );
     }
+    if let Some(rule) = host.device_cgroup_rules.as_ref().and_then(|d| d.first()) {
+        return refuse(
+            "HostConfig.DeviceCgroupRules",
+            format!("device rule {rule:?} gives access to its node's devices; containers with devices cannot move"),
+        );
+    }
     if let Some(from) = host.volumes_from.as_ref().and_then(|v| v.first()) {
         return refuse(
             "HostConfig.VolumesFrom",
             format!("mounts come from container {from}, which stays on the source"),
         );
     }
-    let present = bind_mounts == BindMounts::Present;
     for bind in host.binds.iter().flatten() {
         let source = bind.split(':').next().unwrap_or("");
-        if source.starts_with('/') && !present {
-            return refuse(
-                "HostConfig.Binds",
-                format!("bind mount {bind} needs that path on the target; {PRESENT_HINT}"),
-            );
+        if !source.starts_with('/') {
+            continue;
+        }
+        if let Some(why) = paths.refusal(source) {
+            return refuse("HostConfig.Binds", format!("bind mount {bind}: {why}"));
         }
     }
     for m in host.mounts.iter().flatten() {
         let target = m.target.as_deref().unwrap_or("?");
+        let source = m.source.as_deref().unwrap_or("?");
         match m.typ {
-            Some(MountType::BIND) if !present => {
-                return refuse(
-                    "HostConfig.Mounts",
-                    format!(
-                    "bind mount of {} at {target} needs that path on the target; {PRESENT_HINT}",
-                    m.source.as_deref().unwrap_or("?")
-                ),
-                )
+            Some(MountType::BIND) => {
+                if let Some(why) = paths.refusal(source) {
+                    return refuse(
+                        "HostConfig.Mounts",
+                        format!("bind mount of {source} at {target}: {why}"),
+                    );
+                }
             }
-            Some(MountType::BIND | MountType::VOLUME | MountType::TMPFS) | None => {}
+            Some(MountType::VOLUME) => {
+                let config = m
+                    .volume_options
+                    .as_ref()
+                    .and_then(|o| o.driver_config.as_ref());
+                if let Some(c) = config {
+                    let driver = c.name.as_deref().unwrap_or("local");
+                    let options = c.options.clone().unwrap_or_default();
+                    check_volume(source, driver, &options, paths).map_err(|e| MountRefusal {
+                        field: "HostConfig.Mounts",
+                        reason: e.reason,
+                    })?;
+                }
+            }
+            Some(MountType::TMPFS) | None => {}
             Some(other) => {
                 return refuse(
                     "HostConfig.Mounts",
@@ -101,31 +191,57 @@ pub fn check_mounts(
             }
         }
     }
+    Ok(())
+}
+
+/// A volume the container needs: only the local driver, and a local volume
+/// over a host path (its `device` option) only where `paths` allows.
+pub fn check_volume(
+    name: &str,
+    driver: &str,
+    options: &HashMap<String, String>,
+    paths: HostPaths,
+) -> Result<(), MountRefusal> {
+    if driver != "local" && !driver.is_empty() {
+        return Err(MountRefusal {
+            field: "Mounts",
+            reason: format!("volume {name} uses driver {driver}; only local volumes move"),
+        });
+    }
+    if let Some(device) = options.get("device") {
+        if let Some(why) = paths.refusal(device) {
+            return Err(MountRefusal {
+                field: "Mounts",
+                reason: format!("volume {name} is a local volume over {device}: {why}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the inspected container and the volumes it mounts (as `docker
+/// volume inspect` gives them); the first refusal wins.
+pub fn check_mounts(
+    c: &ContainerInspectResponse,
+    volumes: &[Volume],
+    bind_mounts: BindMounts,
+) -> Result<(), MountRefusal> {
+    let paths = HostPaths::from(bind_mounts);
+    check_host_config(&c.host_config.clone().unwrap_or_default(), paths)?;
     for m in c.mounts.iter().flatten() {
         if m.typ.as_deref() != Some("volume") {
             continue;
         }
         let name = m.name.as_deref().unwrap_or("?");
         let driver = m.driver.as_deref().unwrap_or("local");
-        if driver != "local" {
-            return refuse(
-                "Mounts",
-                format!("volume {name} uses driver {driver}; only local volumes move"),
-            );
-        }
+        check_volume(name, driver, &HashMap::new(), paths)?;
         let Some(v) = volumes.iter().find(|v| v.name == name) else {
-            return refuse("Mounts", format!("volume {name} could not be inspected"));
+            return Err(MountRefusal {
+                field: "Mounts",
+                reason: format!("volume {name} could not be inspected"),
+            });
         };
-        if let Some(device) = v.options.get("device") {
-            if !present {
-                return refuse(
-                    "Mounts",
-                    format!(
-                        "volume {name} is a local volume over {device}, which must exist on the target; {PRESENT_HINT}"
-                    ),
-                );
-            }
-        }
+        check_volume(name, driver, &v.options, paths)?;
     }
     Ok(())
 }

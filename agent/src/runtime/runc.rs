@@ -183,6 +183,30 @@ impl RuncSettings {
         images: &Path,
         tcp: TcpDump,
     ) -> Result<(), RuncError> {
+        self.dump(id, checkpoint, images, tcp, false).await
+    }
+
+    /// Dumps container `id` into `images` (created empty) and leaves it
+    /// running (`runc checkpoint --leave-running`): a pre-copy round. The
+    /// engine never sees it stop.
+    pub async fn dump_running(
+        &self,
+        id: &str,
+        name: &str,
+        images: &Path,
+        tcp: TcpDump,
+    ) -> Result<(), RuncError> {
+        self.dump(id, name, images, tcp, true).await
+    }
+
+    async fn dump(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        images: &Path,
+        tcp: TcpDump,
+        leave_running: bool,
+    ) -> Result<(), RuncError> {
         let work = self.work_dir(checkpoint);
         let prepare = |path: &Path| {
             let path = path.to_path_buf();
@@ -194,8 +218,13 @@ impl RuncSettings {
             }
             std::fs::create_dir_all(dir).map_err(prepare(dir))?;
         }
+        let mut args = self.checkpoint_args(id, images, &work, tcp);
+        if leave_running {
+            let at = args.iter().position(|a| a == "checkpoint").unwrap_or(0) + 1;
+            args.insert(at, "--leave-running".into());
+        }
         let mut cmd = Command::new(&self.runc);
-        cmd.args(self.checkpoint_args(id, images, &work, tcp));
+        cmd.args(args);
         if tcp == TcpDump::Close {
             let conf = work.join(CRIU_CONF);
             std::fs::write(&conf, criu_conf(tcp)).map_err(prepare(&conf))?;

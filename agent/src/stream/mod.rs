@@ -3,15 +3,21 @@
 //!
 //! - [`archive`]: tar of a checkpoint folder, and extraction that never
 //!   writes outside its destination.
+//! - [`delta`]: page images as blocks the target lacks and references to
+//!   blocks it has, by content hash (pre-copy).
 //! - `pipe`: bounded byte pipes between the blocking tar/zstd threads and
 //!   the async connection.
 //! - [`ratelimit`]: a sans-I/O token bucket and the `10MiB/s` rate parser.
 //! - [`wire`]: the data-port protocol between a source and a target agent.
 //! - [`tls`]: mutual TLS configs from PEM files, and peer identities.
+//! - [`admission`]: how many data connections each peer may hold in their
+//!   TLS handshake.
 //! - `tarcore`: tar byte counting and the safe-extraction core, shared by
 //!   [`archive`] and the runtime's container-layer and volume apply.
 
+pub mod admission;
 pub mod archive;
+pub mod delta;
 mod pipe;
 pub mod ratelimit;
 pub(crate) mod tarcore;

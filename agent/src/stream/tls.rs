@@ -8,6 +8,16 @@
 //!   the transfer only if [`cert_matches_node`]`(&chain[0], &header.source_node)`,
 //!   i.e. `cn == node || dns_sans.contains(node)` (exact, case-sensitive).
 //!
+//! - the certificate must also carry the role of a fleet node: the SAN URI
+//!   [`NODE_ROLE`]. The manager's certificate (role [`MANAGER_ROLE`]) is
+//!   as valid a client of the same CA, but cannot open a migration.
+//!
+//! The role is a SAN URI rather than an extended key usage: it says who the
+//! holder is, not which protocol the key serves; it shows in `openssl x509
+//! -ext subjectAltName`, needs no private OID, and leaves the standard
+//! clientAuth/serverAuth usages that rustls, openssl and mosquitto check
+//! as they are.
+//!
 //! The `ring` provider is passed explicitly, never the process default: the
 //! MQTT client is built with `use-rustls-no-provider` and installs none.
 
@@ -37,14 +47,17 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The SAN URI of a fleet node's certificate: it may open a migration on a
+/// peer's data port.
+pub const NODE_ROLE: &str = "ferry:role:node";
+/// The SAN URI of the manager's certificate: it orders jobs over MQTT and
+/// is refused on data ports.
+pub const MANAGER_ROLE: &str = "ferry:role:manager";
+
 /// Longest a peer may take over its TLS handshake on the data port. Before
 /// it ends the peer is anonymous: it must not hold a connection, nor the
 /// agent's drain, for longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Data-port handshakes in progress at once; the agent closes further
-/// connections at once, so a flood of silent peers costs it a bounded number
-/// of sockets (each for at most [`HANDSHAKE_TIMEOUT`]).
-pub const MAX_PENDING_HANDSHAKES: usize = 32;
 
 /// The server side of a data-port connection: the TLS handshake (client
 /// certificate required by `acceptor`'s config) within `timeout` (the
@@ -65,15 +78,58 @@ where
             secs: timeout.as_secs(),
         })?
         .map_err(|e| StreamError::Handshake(e.to_string()))?;
-    let names = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        Some(leaf) => cert_names(leaf)?,
-        None => {
-            return Err(StreamError::PeerCert(
-                "the peer presented no certificate".into(),
-            ))
-        }
+    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Err(StreamError::PeerCert(
+            "the peer presented no certificate".into(),
+        ));
     };
+    let names = cert_names(leaf)?;
+    let roles = cert_roles(leaf)?;
+    if !roles.iter().any(|r| r == NODE_ROLE) {
+        return Err(StreamError::PeerCert(format!(
+            "certificate of {names:?} has roles {roles:?}, not {NODE_ROLE}: only fleet nodes may open a migration"
+        )));
+    }
     Ok((tls, names))
+}
+
+/// A TLS config that SIGHUP replaces: a connection takes the current one
+/// when it starts; those under way keep theirs, so running jobs go on.
+#[derive(Debug)]
+pub struct Current<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Current<T> {
+    pub fn new(config: Arc<T>) -> Current<T> {
+        Current(std::sync::RwLock::new(config))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn replace(&self, config: Arc<T>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+}
+
+/// This node's TLS material as the agent checks and uses it: the key's
+/// mode, the certificate's identity and role, the data port's server side
+/// (with the CRL, if any) and the client side. Called at start and on
+/// SIGHUP.
+pub fn load_node_tls(
+    files: &TlsFiles,
+    node: &str,
+    crl: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), StreamError> {
+    check_key_private(&files.key)?;
+    check_identity(files, node)?;
+    Ok((server_config_with_crl(files, crl)?, client_config(files)?))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -83,9 +139,35 @@ fn provider() -> Arc<CryptoProvider> {
 /// Server side of the data port: requires a client certificate chaining to
 /// the CA, and presents this node's certificate.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, StreamError> {
+    server_config_with_crl(files, None)
+}
+
+/// [`server_config`], refusing also the client certificates the CRL file
+/// `crl` lists (the leaf's status must be known: a CRL of its issuer).
+pub fn server_config_with_crl(
+    files: &TlsFiles,
+    crl: Option<&Path>,
+) -> Result<Arc<ServerConfig>, StreamError> {
     let provider = provider();
     let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(path) = crl {
+        let pem = read(path)?;
+        let crls = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StreamError::TlsFile {
+                path: path.to_path_buf(),
+                reason: format!("bad CRL PEM: {e}"),
+            })?;
+        if crls.is_empty() {
+            return Err(StreamError::TlsFile {
+                path: path.to_path_buf(),
+                reason: "no CRL found".into(),
+            });
+        }
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| StreamError::TlsConfig(format!("client verifier: {e}")))?;
     let (certs, key) = load_identity(files)?;
@@ -142,6 +224,23 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, StreamError>
     Ok(names)
 }
 
+/// The `ferry:role:` SAN URIs of a certificate.
+pub fn cert_roles(cert: &CertificateDer<'_>) -> Result<Vec<String>, StreamError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| StreamError::PeerCert(format!("cannot parse: {e}")))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| StreamError::PeerCert(format!("bad subject alternative names: {e}")))?;
+    Ok(san
+        .iter()
+        .flat_map(|san| &san.value.general_names)
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("ferry:role:") => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Whether `cert` is `node`'s: its CN or one of its DNS SANs is `node`.
 pub fn cert_matches_node(cert: &CertificateDer<'_>, node: &str) -> bool {
     cert_names(cert).is_ok_and(|names| names.iter().any(|n| n == node))
@@ -157,13 +256,48 @@ pub fn check_identity(files: &TlsFiles, node: &str) -> Result<(), StreamError> {
         path: files.cert.clone(),
         reason: e.to_string(),
     })?;
-    if names.iter().any(|n| n == node) {
-        return Ok(());
+    if !names.iter().any(|n| n == node) {
+        return Err(StreamError::TlsFile {
+            path: files.cert.clone(),
+            reason: format!("certificate names {names:?}, not this node's id {node:?}"),
+        });
     }
-    Err(StreamError::TlsFile {
+    let roles = cert_roles(&certs[0]).map_err(|e| StreamError::TlsFile {
         path: files.cert.clone(),
-        reason: format!("certificate names {names:?}, not this node's id {node:?}"),
-    })
+        reason: e.to_string(),
+    })?;
+    if !roles.iter().any(|r| r == NODE_ROLE) {
+        return Err(StreamError::TlsFile {
+            path: files.cert.clone(),
+            reason: format!(
+                "certificate has roles {roles:?}, not {NODE_ROLE}: peers would refuse it (issue node certificates with `ferry certs`)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The private key is readable by its owner alone (mode 0600 or 0400): a
+/// key that group or others can read is as good as leaked, so the agent
+/// refuses to start with one and says how to fix it.
+pub fn check_key_private(path: &Path) -> Result<(), StreamError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| StreamError::TlsFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(StreamError::TlsFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "private key has mode {mode:04o}: group or others can read it; \
+                 run chmod 600 on it (owned by the user the agent runs as, uid {})",
+                meta.uid()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn load_identity(
@@ -401,6 +535,119 @@ mod tests {
             tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
         connected.unwrap();
         assert_eq!(accepted.unwrap().1, vec!["node-b".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn the_manager_certificate_cannot_open_a_migration() {
+        let dir = fleet("tls-manager");
+        let acceptor = TlsAcceptor::from(server_config(&files(&dir, "node-a")).unwrap());
+        let attempt = |who: TlsFiles| {
+            let acceptor = acceptor.clone();
+            async move {
+                let client = client_config(&who).unwrap();
+                let (c, s) = tokio::io::duplex(64 * 1024);
+                let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+                let (accepted, _) =
+                    tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+                accepted.map(|(_, names)| names).unwrap_err().to_string()
+            }
+        };
+        // The manager's certificate comes from its own CA, which agents
+        // do not trust.
+        let err = attempt(files(&dir, "manager")).await;
+        assert!(err.contains("invalid peer certificate"), "{err}");
+        // A certificate of the fleet CA with the manager's role (a mistaken
+        // issuance) is refused for its role, as is one with no role.
+        crate::certs::issue_with_role(dir.path(), "boss", Some(MANAGER_ROLE));
+        crate::certs::issue_with_role(dir.path(), "old", None);
+        let err = attempt(files(&dir, "boss")).await;
+        assert!(
+            err.contains("[\"boss\"]") && err.contains(MANAGER_ROLE) && err.contains(NODE_ROLE),
+            "{err}"
+        );
+        let err = attempt(files(&dir, "old")).await;
+        assert!(err.contains("roles []") && err.contains(NODE_ROLE), "{err}");
+        let manager = load_certs(&dir.join("manager.pem")).unwrap().remove(0);
+        assert_eq!(
+            cert_roles(&manager).unwrap(),
+            vec![MANAGER_ROLE.to_string()]
+        );
+        let node = load_certs(&dir.join("node-a.pem")).unwrap().remove(0);
+        assert_eq!(cert_roles(&node).unwrap(), vec![NODE_ROLE.to_string()]);
+        let broker = load_certs(&dir.join("broker.pem")).unwrap().remove(0);
+        assert!(cert_roles(&broker).unwrap().is_empty());
+        // An agent started with the manager's files refuses to.
+        let err = check_identity(&files(&dir, "manager"), "manager")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("manager.pem") && err.contains(NODE_ROLE),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_revoked_node_is_refused_when_the_crl_is_given() {
+        let dir = fleet("tls-crl");
+        let crl = dir.join(crate::certs::CRL_FILE);
+        let attempt = |server: Arc<ServerConfig>, who: &str| {
+            let client = client_config(&files(&dir, who)).unwrap();
+            async move {
+                let acceptor = TlsAcceptor::from(server);
+                let (c, s) = tokio::io::duplex(64 * 1024);
+                let connect = TlsConnector::from(client).connect(server_name("node-a").unwrap(), c);
+                let (accepted, _) =
+                    tokio::join!(accept_peer(&acceptor, s, HANDSHAKE_TIMEOUT), connect);
+                accepted.map(|(_, names)| names).map_err(|e| e.to_string())
+            }
+        };
+        let with_crl = || server_config_with_crl(&files(&dir, "node-a"), Some(&crl)).unwrap();
+        // The empty list lets everyone in.
+        assert!(attempt(with_crl(), "node-b").await.is_ok());
+        crate::certs::revoke(dir.path(), "node-b").unwrap();
+        let err = attempt(with_crl(), "node-b").await.unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+        // Without the list, the same certificate still gets in.
+        let without = server_config(&files(&dir, "node-a")).unwrap();
+        assert!(attempt(without, "node-b").await.is_ok());
+        let err = server_config_with_crl(&files(&dir, "node-a"), Some(&dir.join("node-a.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no CRL found"), "{err}");
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = fleet("tls-keymode");
+        let key = dir.join("node-a.key");
+        check_key_private(&key).unwrap();
+        for (mode, ok) in [
+            (0o400, true),
+            (0o640, false),
+            (0o604, false),
+            (0o644, false),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = check_key_private(&key);
+            assert_eq!(got.is_ok(), ok, "{mode:o}: {got:?}");
+            if let Err(e) = got {
+                let e = e.to_string();
+                assert!(
+                    e.contains("node-a.key")
+                        && e.contains(&format!("mode {mode:04o}"))
+                        && e.contains("chmod 600"),
+                    "{e}"
+                );
+            }
+        }
+        let err = check_key_private(&dir.join("missing.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing.key") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 
     #[test]

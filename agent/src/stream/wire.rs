@@ -732,6 +732,13 @@ async fn drain<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut S) {
     .await;
 }
 
+/// A receiver that gives up mid-stream (its agent stops): the sender,
+/// which watches for the final verdict while it sends, reports `reason`.
+pub async fn refuse_now<W: AsyncWrite + Unpin>(wr: &mut W, reason: &str) {
+    answer(wr, Verdict::refuse(reason)).await;
+    let _ = timeout(VERDICT_GRACE, wr.flush()).await;
+}
+
 /// Runs `fut` with the I/O timeout; `what` names the step in the error.
 async fn timed<T, E, F>(what: &str, fut: F) -> Result<T, E>
 where

@@ -3,8 +3,8 @@
 //! feeds back what happened.
 //!
 //! ```text
-//! Precheck -> PrepareTarget -> SendImage -> PausePolicy -> Checkpoint -> PackState
-//!     \____________\______________\____________\          |
+//! Precheck -> PrepareTarget -> SendImage -> PreCopy -> PausePolicy -> Checkpoint -> PackState
+//!     \____________\______________\___________\__________\          |
 //!              fail/cancel: Abort (-> ResumePolicy)       Transfer -> AwaitRestore -> Commit -> done
 //!                                                    \________\____________\__ fail/cancel:
 //!                                                          RollBack -> ResumePolicy
@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 
 use super::{Outcome, Report};
 use crate::migration::MigrationError;
-use crate::mqtt::contract::{JobState, JobStatus, Phase};
+use crate::mqtt::contract::{JobState, JobStatus, Phase, PreCopyReport};
 use crate::runtime::CheckpointVia;
 
 /// What the driver must do next.
@@ -36,6 +36,8 @@ pub enum Step {
     /// Send the image layers the target lacks, if it asked; wait for
     /// `Prepared`.
     SendImage,
+    /// Pre-copy rounds while the container runs (or none, and why).
+    PreCopy,
     /// Set the restart policy to `no`. Not interruptible.
     PausePolicy,
     /// Not interruptible: a cancel meanwhile is reported once it returns.
@@ -116,6 +118,12 @@ impl SourceMachine {
         s.updated_ms = now_ms;
     }
 
+    /// What pre-copy did so far, for the status.
+    pub fn precopied(&mut self, report: PreCopyReport, now_ms: u64) {
+        self.report.status.precopy = Some(report);
+        self.report.status.updated_ms = now_ms;
+    }
+
     /// How the checkpoint was taken, for the status.
     pub fn checkpointed(&mut self, via: &CheckpointVia, now_ms: u64) {
         let s = &mut self.report.status;
@@ -175,7 +183,8 @@ impl SourceMachine {
         match self.step {
             Step::Precheck => self.enter(Step::PrepareTarget, None, now_ms),
             Step::PrepareTarget => self.enter(Step::SendImage, None, now_ms),
-            Step::SendImage => self.enter(Step::PausePolicy, None, now_ms),
+            Step::SendImage => self.enter(Step::PreCopy, Some(Phase::Precopy), now_ms),
+            Step::PreCopy => self.enter(Step::PausePolicy, None, now_ms),
             Step::PausePolicy => self.enter(Step::Checkpoint, Some(Phase::Checkpoint), now_ms),
             Step::Checkpoint => self.enter(Step::PackState, None, now_ms),
             Step::PackState => self.enter(Step::Transfer, Some(Phase::Transfer), now_ms),
@@ -210,9 +219,11 @@ impl SourceMachine {
 
     fn backward(&mut self, now_ms: u64) -> Step {
         match self.step {
-            Step::Precheck | Step::PrepareTarget | Step::SendImage | Step::PausePolicy => {
-                self.enter(Step::Abort, None, now_ms)
-            }
+            Step::Precheck
+            | Step::PrepareTarget
+            | Step::SendImage
+            | Step::PreCopy
+            | Step::PausePolicy => self.enter(Step::Abort, None, now_ms),
             // A failed checkpoint call may still have stopped the container;
             // the rollback step restores it if so.
             Step::Checkpoint | Step::PackState | Step::Transfer | Step::AwaitRestore => {
@@ -262,7 +273,7 @@ mod tests {
     fn happy_path_succeeds_with_timings_per_phase() {
         let mut m = machine();
         let mut steps = vec![m.step()];
-        for i in 1..=9 {
+        for i in 1..=10 {
             steps.push(m.on(Outcome::Done, 1_000 + 100 * i));
         }
         use Step::*;
@@ -272,6 +283,7 @@ mod tests {
                 Precheck,
                 PrepareTarget,
                 SendImage,
+                PreCopy,
                 PausePolicy,
                 Checkpoint,
                 PackState,
@@ -286,7 +298,9 @@ mod tests {
         assert_eq!(s.error, None);
         // The image goes out before anything stops; the files are packed
         // while the container is frozen.
-        assert_eq!(s.timings_ms.get(&Phase::Precheck), Some(&400));
+        assert_eq!(s.timings_ms.get(&Phase::Precheck), Some(&300));
+        // Pre-copy runs while the container does, the pause after it.
+        assert_eq!(s.timings_ms.get(&Phase::Precopy), Some(&200));
         assert_eq!(s.timings_ms.get(&Phase::Checkpoint), Some(&200));
         for p in [Phase::Transfer, Phase::Restore, Phase::Cleanup] {
             assert_eq!(s.timings_ms.get(&p), Some(&100), "{p:?}");
@@ -300,6 +314,7 @@ mod tests {
             (Precheck, vec![Abort], JobState::Failed),
             (PrepareTarget, vec![Abort], JobState::Failed),
             (SendImage, vec![Abort], JobState::Failed),
+            (PreCopy, vec![Abort], JobState::Failed),
             // A failed pause changed nothing.
             (PausePolicy, vec![Abort], JobState::Failed),
             (

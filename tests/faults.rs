@@ -5,6 +5,9 @@
 //! whose reason names the fault, and nothing is left behind (checkpoint,
 //! staging, created container, volumes) within 60 s.
 //!
+//! Every job runs with `precopy: off`: the faults aim at the stop-and-copy
+//! checkpoint and transfer (tests/precopy.rs covers the pre-copy path).
+//!
 //! One test runs every case in turn and prints a table fault x phase ->
 //! outcome at the end. `FERRY_FAULTS=a,b` runs only the cases named.
 
@@ -237,7 +240,11 @@ fn target_sigterm_mid_transfer(fleet: &Fleet) -> Row {
     let (src, sum) = memhog(fleet, 1, 128);
     let id = container_id(n1, &src.name);
     let vols = volumes(n2);
-    let job = fleet.send_migrate(&src, 2, Some(json!({"rate_limit": "4MiB/s"})));
+    let job = fleet.send_migrate(
+        &src,
+        2,
+        Some(json!({"rate_limit": "4MiB/s", "precopy": "off"})),
+    );
     wait_status(fleet, &job, "the transfer under way", in_transfer);
     let tick = last_tick(n1, &src.name);
     let code = a2.terminate();
@@ -268,7 +275,7 @@ fn restore_failure(fleet: &Fleet) -> Row {
     let vols = volumes(n2);
     let switch = n2.dir.join("fail-criu");
     std::fs::write(&switch, "").expect("write fail-criu");
-    let job = fleet.send_migrate(&src, 2, None);
+    let job = fleet.send_migrate(&src, 2, Some(json!({"precopy": "off"})));
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     let _ = std::fs::remove_file(&switch);
     assert_rolled_back(fleet, &job, &status, "restore");
@@ -325,7 +332,7 @@ fn staging_full(fleet: &Fleet) -> Row {
     let (src, sum) = memhog(fleet, 1, 64);
     let id = container_id(n1, &src.name);
     let vols = volumes(n2);
-    let job = fleet.send_migrate(&src, 2, None);
+    let job = fleet.send_migrate(&src, 2, Some(json!({"precopy": "off"})));
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert_eq!(
         status["state"], "failed",
@@ -451,7 +458,11 @@ fn link_cut(fleet: &Fleet, secs: u64) -> Row {
     let (src, sum) = memhog(fleet, 1, if secs > 60 { 64 } else { 128 });
     let id = container_id(n1, &src.name);
     let vols = volumes(n2);
-    let job = fleet.send_migrate(&src, 2, Some(json!({"rate_limit": "4MiB/s"})));
+    let job = fleet.send_migrate(
+        &src,
+        2,
+        Some(json!({"rate_limit": "4MiB/s", "precopy": "off"})),
+    );
     wait_status(fleet, &job, "the transfer under way", in_transfer);
     proxy.cut.store(true, Ordering::Relaxed);
     thread::sleep(Duration::from_secs(secs));
@@ -524,7 +535,7 @@ fn slow_checkpoint(fleet: &Fleet) -> Row {
     );
     let _a2 = fleet.start_agent(2);
     let (src, sum) = memhog(fleet, 1, 16);
-    let job = fleet.send_migrate(&src, 2, None);
+    let job = fleet.send_migrate(&src, 2, Some(json!({"precopy": "off"})));
     let status = fleet.final_status("node1", &job, JOB_TIMEOUT);
     assert!(slept.exists(), "the slow CRIU never ran");
     assert_eq!(status["state"], "succeeded", "final status {status}");

@@ -193,20 +193,39 @@ async fn confirm_kept<E>(node: &Node<E>, entry: &Entry) {
 }
 
 async fn ask_target<E>(node: &Node<E>, entry: &Entry) -> Answer {
+    ask_holding(
+        node,
+        &entry.peer_node,
+        entry.peer_addr.clone(),
+        &entry.job_id,
+        &entry.container,
+    )
+    .await
+}
+
+/// Asks `target` (at its announced data address, else `known_addr`) what
+/// it holds of `container` for job `job_id`.
+pub(super) async fn ask_holding<E>(
+    node: &Node<E>,
+    target: &str,
+    known_addr: Option<String>,
+    job_id: &str,
+    container: &str,
+) -> Answer {
     let addr = node
         .peers
-        .get(&entry.peer_node)
+        .get(target)
         .and_then(|p| p.data_addr)
-        .or_else(|| entry.peer_addr.clone());
+        .or(known_addr);
     let Some(addr) = addr else {
         return Answer::Unreachable;
     };
-    let Ok(mut conn) = node.dialer.dial(&entry.peer_node, &addr).await else {
+    let Ok(mut conn) = node.dialer.dial(target, &addr).await else {
         return Answer::Unreachable;
     };
     let ask = ToTarget::Outcome {
-        job_id: entry.job_id.clone(),
-        container: entry.container.clone(),
+        job_id: job_id.to_owned(),
+        container: container.to_owned(),
     };
     if protocol::send(&mut conn, &ask).await.is_err() {
         return Answer::Unreachable;

@@ -161,6 +161,20 @@ fn a_killed_agent_restarted_finishes_its_job_with_one_copy() {
         Case {
             fault: "SIGKILL source",
             killed: 1,
+            at: "source:started",
+            ends_on: 1,
+            state: "rolled_back",
+        },
+        Case {
+            fault: "SIGKILL target",
+            killed: 2,
+            at: "target:creating",
+            ends_on: 1,
+            state: "failed",
+        },
+        Case {
+            fault: "SIGKILL source",
+            killed: 1,
             at: "source:checkpointing",
             ends_on: 1,
             state: "rolled_back",

@@ -176,22 +176,12 @@ pub struct MigrateArgs {
     /// The target node, `auto` (the source picks one) or a comma-separated list of candidates.
     #[arg(long)]
     pub to: String,
-    /// Wire rate limit, e.g. 10MiB/s or bytes per second.
-    #[arg(long)]
-    pub rate_limit: Option<String>,
-    #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
-    pub zstd_level: i32,
-    /// Established TCP connections: close (peers reconnect), established (kept) or refuse.
-    #[arg(long, value_parser = parse_tcp)]
-    pub tcp: Option<crate::runtime::TcpMode>,
+    #[command(flatten)]
+    pub options: JobOptionArgs,
     /// `present`: the container's bind mounts exist on the target as on
     /// the source (default `refuse`: a container with bind mounts stays).
     #[arg(long, value_parser = ["refuse", "present"])]
     pub bind_mounts: Option<String>,
-    /// `auto` (default): pre-copy memory while the container runs; `off`:
-    /// stop and copy.
-    #[arg(long, value_parser = ["auto", "off"])]
-    pub precopy: Option<String>,
     /// Job id (default: generated).
     #[arg(long)]
     pub job_id: Option<String>,
@@ -316,28 +306,43 @@ pub fn parse_to(s: &str) -> Result<Target, CliError> {
     })
 }
 
-/// The job's `options` object from the command line.
-fn job_options(
-    zstd_level: i32,
-    tcp: Option<crate::runtime::TcpMode>,
-    rate_limit: Option<&String>,
-    bind_mounts: Option<&String>,
-    precopy: Option<&String>,
-) -> serde_json::Value {
-    let mut options = serde_json::json!({ "zstd_level": zstd_level });
-    if let Some(tcp) = tcp {
-        options["tcp"] = tcp.as_str().into();
+/// The options a job carries, from the command line (`migrate`, and each
+/// container of an `evacuate`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobOptionArgs {
+    /// Wire rate limit, e.g. 10MiB/s or bytes per second.
+    #[arg(long)]
+    pub rate_limit: Option<String>,
+    #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
+    pub zstd_level: i32,
+    /// Established TCP connections: close (peers reconnect), established (kept) or refuse.
+    #[arg(long, value_parser = parse_tcp)]
+    pub tcp: Option<crate::runtime::TcpMode>,
+    /// `auto` (default): pre-copy memory while the container runs; `off`:
+    /// stop and copy.
+    #[arg(long, value_parser = ["auto", "off"])]
+    pub precopy: Option<String>,
+}
+
+impl JobOptionArgs {
+    /// The job's `options` object; `bind_mounts` only where the command
+    /// has it.
+    fn to_json(&self, bind_mounts: Option<&String>) -> serde_json::Value {
+        let mut options = serde_json::json!({ "zstd_level": self.zstd_level });
+        if let Some(tcp) = self.tcp {
+            options["tcp"] = tcp.as_str().into();
+        }
+        if let Some(rate) = &self.rate_limit {
+            options["rate_limit"] = serde_json::Value::String(rate.clone());
+        }
+        if let Some(b) = bind_mounts {
+            options["bind_mounts"] = serde_json::Value::String(b.clone());
+        }
+        if let Some(p) = &self.precopy {
+            options["precopy"] = serde_json::Value::String(p.clone());
+        }
+        options
     }
-    if let Some(rate) = rate_limit {
-        options["rate_limit"] = serde_json::Value::String(rate.clone());
-    }
-    if let Some(b) = bind_mounts {
-        options["bind_mounts"] = serde_json::Value::String(b.clone());
-    }
-    if let Some(p) = precopy {
-        options["precopy"] = serde_json::Value::String(p.clone());
-    }
-    options
 }
 
 fn parse_tcp(s: &str) -> Result<crate::runtime::TcpMode, String> {
@@ -372,13 +377,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<JobStatus, CliError> {
         topics.job_status(&args.from, &job_id),
     ];
     let mut session = Session::open(&args.broker, subscriptions).await?;
-    let options = job_options(
-        args.zstd_level,
-        args.tcp,
-        args.rate_limit.as_ref(),
-        args.bind_mounts.as_ref(),
-        args.precopy.as_ref(),
-    );
+    let options = args.options.to_json(args.bind_mounts.as_ref());
     let job = serde_json::json!({
         "action": "migrate",
         "container": args.container,
@@ -479,17 +478,9 @@ pub struct EvacuateArgs {
     /// Where to: `auto` (the node picks for each container) or a comma-separated list of candidates.
     #[arg(long, default_value = AUTO)]
     pub to: String,
-    /// Wire rate limit of each migration, e.g. 10MiB/s or bytes per second.
-    #[arg(long)]
-    pub rate_limit: Option<String>,
-    #[arg(long, default_value_t = crate::mqtt::contract::DEFAULT_ZSTD_LEVEL)]
-    pub zstd_level: i32,
-    /// Established TCP connections: close, established or refuse.
-    #[arg(long, value_parser = parse_tcp)]
-    pub tcp: Option<crate::runtime::TcpMode>,
-    /// `auto` (default): pre-copy each container's memory while it runs; `off`: stop and copy.
-    #[arg(long, value_parser = ["auto", "off"])]
-    pub precopy: Option<String>,
+    /// The options of each container's migration.
+    #[command(flatten)]
+    pub options: JobOptionArgs,
     /// Job id of the evacuation (default: generated); its containers' jobs are ID.1, ID.2, ...
     #[arg(long)]
     pub job_id: Option<String>,
@@ -530,7 +521,7 @@ pub async fn evacuate(args: EvacuateArgs) -> Result<EvacuationStatus, CliError> 
         "action": "evacuate",
         "selector": selector,
         "targets": targets,
-        "options": job_options(args.zstd_level, args.tcp, args.rate_limit.as_ref(), None, args.precopy.as_ref()),
+        "options": args.options.to_json(None),
     });
     let payload = signer.payload(&job, &args.node, &job_id)?;
     if !signer.is_signing() {

@@ -380,7 +380,11 @@ fn a_renewed_certificate_is_picked_up_on_sighup_during_a_running_migration() {
     let mut a2 = fleet.start_agent_with(2, with_crl());
     let source = fleet.run(1, "memhog", ferry_tests::MEMHOG_IMAGE, &["64"]);
     ferry_tests::memhog_ready(&source);
-    let job = fleet.send_migrate(&source, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    let job = fleet.send_migrate(
+        &source,
+        2,
+        Some(json!({"rate_limit": "2MiB/s", "precopy": "off"})),
+    );
     let topic = format!("{ROOT}/node1/jobs/{job}/status");
     wait_for("the job's transfer phase", JOB_TIMEOUT, || {
         match fleet.retained(&topic) {

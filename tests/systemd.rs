@@ -482,7 +482,11 @@ fn the_deb_under_a_real_systemd_runs_migrates_and_is_removed_cleanly() {
     // the workload runs on exactly one node.
     let memhog = fleet.run(1, "memhog", MEMHOG_IMAGE, &["64"]);
     memhog_ready(&memhog);
-    let job = fleet.send_migrate(&memhog, 2, Some(json!({"rate_limit": "2MiB/s"})));
+    let job = fleet.send_migrate(
+        &memhog,
+        2,
+        Some(json!({"rate_limit": "2MiB/s", "precopy": "off"})),
+    );
     let topic = fleet.topic(&format!("{}/jobs/{job}/status", pi.name));
     wait_for(
         "the job's transfer phase",

@@ -166,6 +166,10 @@ pub async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ok(other) => return Err(Outcome::NotPrepared(format!("{other:?}"))),
             Err(e) => return Err(Outcome::Broken(e.to_string())),
         }
+        // As a source does once its checkpoint is ready: the stream follows.
+        protocol::send(conn, &ToTarget::Sending)
+            .await
+            .map_err(|e| Outcome::Broken(e.to_string()))?;
         let json = serde_json::to_vec(header).expect("encode header");
         conn.write_all(MAGIC)
             .await
